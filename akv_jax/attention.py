@@ -1,0 +1,117 @@
+"""Attention of a few query tokens over a compressed cache (plain-jnp reference, the XLA path).
+
+Keys and values of a kept token may sit in different places (KIVI's residual rule quantizes a value before its
+key), so scores are computed over [sinks | body keys | recent keys] and each recent slot is paired with its value,
+which is either in the recent buffer or, for the first value_fill - key_fill recent slots, already in the body.
+Softmax is order-invariant, so only this pairing matters, not where a token is stored.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from akv_jax import body as _body
+from akv_jax import validation
+from akv_jax.cache import CompressedKV
+
+_MASKED = -1e30  # finite: a fully masked row gives a uniform softmax over nothing rather than NaN
+
+
+def _scores(qg: jax.Array, keys: jax.Array) -> jax.Array:
+  """qg [B, K, G, T, H] x keys [B, K, S, H] -> f32[B, K, G, T, S]."""
+  return jnp.einsum("BKGTH,BKSH->BKGTS", qg, keys.astype(jnp.float32))
+
+
+def _attend(q: jax.Array, ckv: CompressedKV, scale: float | None, return_probs: bool):
+  b, kh, h = validation.compressed(ckv)
+  validation.queries(q, b, kh, h, name="q", ranks=(3, 4))
+  single = q.ndim == 3
+  q4 = q[:, :, None] if single else q                                   # [B, N, T, H]
+  n, t = q4.shape[1], q4.shape[2]
+  g = n // kh
+  scale = 1.0 / math.sqrt(h) if scale is None else scale
+  qg = (q4.astype(jnp.float32) * scale).reshape(b, kh, g, t, h)
+  # Query t is the (T - t)-th most recent token: it sees positions up to next_pos - T + t.
+  qpos = (ckv.next_pos[:, None] - t + jnp.arange(t))[:, None, None, :, None]   # [B, 1, 1, T, 1]
+
+  z = ckv.sink_k.shape[2]
+  spos = jnp.broadcast_to(jnp.arange(z, dtype=jnp.int32), (b, kh, z))
+  svalid = spos < ckv.sink_fill[:, None, None]
+  bk = _body.dequantize_heads(ckv, ckv.body_k)
+  bv = _body.dequantize_heads(ckv, ckv.body_v)
+  bpos = _body.head_positions(ckv)
+  m = bk.shape[2]
+  kb, vb = ckv.key_fill, ckv.value_fill
+  bvalid = jnp.arange(m)[None, None, :] < kb[..., None]
+  rc = ckv.recent_capacity
+  rslot = jnp.arange(rc)[None, None, :]
+  rvalid = rslot < ckv.recent_fill[..., None]
+
+  keys = jnp.concatenate([ckv.sink_k.astype(jnp.float32), bk, ckv.recent_k.astype(jnp.float32)], axis=2)
+  kpos = jnp.concatenate([spos, bpos, ckv.recent_pos], axis=2)
+  valid = jnp.concatenate([svalid, bvalid, rvalid], axis=2)
+  s = _scores(qg, keys)
+  visible = valid[:, :, None, None, :] & (kpos[:, :, None, None, :] <= qpos)
+  s = jnp.where(visible, s, _MASKED)
+  p = jax.nn.softmax(s, axis=-1)
+  p = jnp.where(visible, p, 0.0)
+
+  # Recent slot j's value: in the body at slot key_fill + j while j < value_fill - key_fill.
+  in_body = rslot < (vb - kb)[..., None]
+  from_body = jnp.take_along_axis(bv, jnp.clip(kb[..., None] + rslot, 0, max(m - 1, 0))[..., None], axis=2) \
+      if m else jnp.zeros_like(ckv.recent_v, jnp.float32)
+  rv = jnp.where(in_body[..., None], from_body, ckv.recent_v.astype(jnp.float32))
+  values = jnp.concatenate([ckv.sink_v.astype(jnp.float32), bv, rv], axis=2)
+  out = jnp.einsum("BKGTS,BKSH->BKGTH", p, values).reshape(b, n, t, h).astype(q.dtype)
+  if single:
+    out = out[:, :, 0]
+  if not return_probs:
+    return out
+  # Per-slot attention of body then recent slots, averaged over the G query heads and summed over T (H2O).
+  probs = jnp.sum(jnp.mean(p, axis=2), axis=2)[..., z:]
+  return out, probs
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "return_probs", "implementation", "interpret"))
+def attend(q: jax.Array, ckv: CompressedKV, *, scale: float | None = None, return_probs: bool = False,
+           implementation: str | None = None, interpret: bool = False):
+  """Attention of q over a compressed cache.
+
+  Args:
+    q: [B, N, H] one query token per row, or [B, N, T, H] the last T tokens (already appended; query t sees
+      positions up to next_pos - T + t). N must be a multiple of the cache's K.
+    ckv: CompressedKV.
+    scale: softmax scale, default 1/sqrt(H).
+    return_probs: also return f32[B, K, M + R], each body and recent slot's attention averaged over the G query
+      heads (feed it to `observe` for H2O).
+    implementation: None or "xla" (this reference). Fused Pallas kernels are a separate issue; asking for
+      "pallas" raises rather than silently running something else.
+    interpret: reserved for the Pallas path.
+
+  Returns:
+    [B, N, H] (or [B, N, T, H]) in q's dtype, and the probabilities when asked.
+  """
+  if implementation not in (None, "xla"):
+    raise ValueError(f"implementation={implementation!r} is not available; use None or 'xla'")
+  del interpret
+  return _attend(q, ckv, scale, return_probs)
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
+                    scale: float | None = None) -> jax.Array:
+  """Reference attention of q [B, N, H] over a dense cache k, v [B, K, S, H] with lengths i32[B] or i32[B, K]."""
+  b, n, h = q.shape
+  kh, s = k.shape[1], k.shape[2]
+  scale = 1.0 / math.sqrt(h) if scale is None else scale
+  qg = (q.astype(jnp.float32) * scale).reshape(b, kh, n // kh, h)
+  sc = jnp.einsum("BKGH,BKSH->BKGS", qg, k.astype(jnp.float32))
+  lengths = jnp.asarray(lengths)
+  lk = lengths[:, None] if lengths.ndim == 1 else lengths
+  mask = jnp.arange(s)[None, None, :] < lk[..., None]
+  sc = jnp.where(mask[:, :, None], sc, _MASKED)
+  p = jnp.where(mask[:, :, None], jax.nn.softmax(sc, axis=-1), 0.0)
+  return jnp.einsum("BKGS,BKSH->BKGH", p, v.astype(jnp.float32)).reshape(b, n, h).astype(q.dtype)

@@ -1,0 +1,202 @@
+"""Decode-time maintenance of a compressed cache: append one token, accumulate attention for H2O.
+
+append follows KIVI's residual rule. The new token enters the bf16 recent buffer. Once more than `recent` values
+are in bf16, the oldest value leaves and is quantized per token into the body (one token per step). Keys leave a
+whole group at a time: when the `flush` oldest recent keys all have their values in the body, they are quantized
+together per channel (a group of one token would be a silent no-op of per-channel quantization). Keys therefore
+keep between `recent` and `recent + flush - 1` tokens in bf16, values exactly `recent`, and the body the cache
+grows into was reserved at compress time.
+
+Bounded-memory policies evict instead: StreamingLLM drops the token leaving the window, H2O keeps it only if its
+accumulated attention beats the weakest heavy hitter, which it then replaces.
+
+Nothing is written out of bounds: a token that finds no room is dropped and counted in `dropped`, which
+`akv_jax.checks.checked` turns into an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from akv_jax import body as _body
+from akv_jax import validation
+from akv_jax.cache import CompressedKV, QuantizedTensor
+from akv_jax.policy import Policy
+from akv_jax.quant import quantize, spec_of
+
+
+def _set_slot(x: jax.Array, slot: jax.Array, value: jax.Array, enabled: jax.Array) -> jax.Array:
+  """x [B, K, R, ...]: writes value [B, K, ...] at slot i32[B, K] where enabled."""
+  b, kh, r = x.shape[:3]
+  idx = jnp.where(enabled, slot, r)
+  bi, ki = jnp.meshgrid(jnp.arange(b), jnp.arange(kh), indexing="ij")
+  return x.at[bi, ki, idx].set(value.astype(x.dtype), mode="drop")
+
+
+def _get_slot(x: jax.Array, slot: jax.Array) -> jax.Array:
+  """x [B, K, R, ...] at slot i32[B, K] -> [B, K, ...]."""
+  idx = jnp.clip(slot, 0, x.shape[2] - 1).reshape(slot.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, idx, axis=2)[:, :, 0]
+
+
+def _shift(x: jax.Array, n: int, enabled: jax.Array, axis: int = 2) -> jax.Array:
+  """Drops the first n slots along `axis` (filling the tail with zeros / -1 for ints) where enabled [B, K]."""
+  fill = -1 if jnp.issubdtype(x.dtype, jnp.integer) else 0
+  tail = jnp.full(x.shape[:axis] + (n,) + x.shape[axis + 1:], fill, x.dtype)
+  shifted = jnp.concatenate([jax.lax.slice_in_dim(x, n, x.shape[axis], axis=axis), tail], axis=axis)
+  return jnp.where(enabled.reshape(enabled.shape + (1,) * (x.ndim - 2)), shifted, x)
+
+
+def _write_body(ckv: CompressedKV, stored, rows: jax.Array, first_slot: jax.Array, enabled: jax.Array):
+  """Writes rows [B, K, n, H] (quantized like `stored`) into the body at logical slots first_slot + 0..n-1."""
+  n = rows.shape[2]
+  if isinstance(stored, QuantizedTensor):
+    rows = quantize(rows, spec_of(stored))
+  total = _body.flatten_leaf(ckv.body_pos).shape[1]
+
+  def write(leaf, data):
+    flat = _body.flatten_leaf(leaf)
+    n_leaf = data.shape[2]
+    slots = first_slot[..., None] + jnp.arange(n_leaf, dtype=jnp.int32) * (n // n_leaf)
+    out = _body.write_rows(flat, data, _body.pool_index(ckv, slots), enabled, total)
+    return out.reshape(leaf.shape)
+
+  return jax.tree_util.tree_map(write, stored, rows)
+
+
+def _write_pos(ckv: CompressedKV, pos: jax.Array, slot: jax.Array, enabled: jax.Array) -> jax.Array:
+  flat = _body.flatten_leaf(ckv.body_pos)
+  out = _body.write_rows(flat, pos[..., None], _body.pool_index(ckv, slot[..., None]), enabled, flat.shape[1])
+  return out.reshape(ckv.body_pos.shape)
+
+
+def _push(ckv: CompressedKV, k_t, v_t):
+  """Step 1: the new token goes to the sinks while they are not full, else to the recent buffer."""
+  z = ckv.sink_k.shape[2]
+  to_sink = ckv.sink_fill < z                                            # [B]
+  sink_on = jnp.broadcast_to(to_sink[:, None], ckv.key_fill.shape)
+  sink_k = _set_slot(ckv.sink_k, jnp.broadcast_to(ckv.sink_fill[:, None], sink_on.shape), k_t, sink_on)
+  sink_v = _set_slot(ckv.sink_v, jnp.broadcast_to(ckv.sink_fill[:, None], sink_on.shape), v_t, sink_on)
+  nk = ckv.recent_fill
+  room = nk < ckv.recent_capacity
+  on = ~sink_on & room
+  pos = jnp.broadcast_to(ckv.next_pos[:, None], nk.shape)
+  updates = dict(
+      sink_k=sink_k, sink_v=sink_v, sink_fill=ckv.sink_fill + to_sink.astype(jnp.int32),
+      recent_k=_set_slot(ckv.recent_k, nk, k_t, on), recent_v=_set_slot(ckv.recent_v, nk, v_t, on),
+      recent_pos=_set_slot(ckv.recent_pos, nk, pos, on), recent_fill=nk + on.astype(jnp.int32),
+      next_pos=ckv.next_pos + 1, dropped=ckv.dropped + (~sink_on & ~room).astype(jnp.int32))
+  if ckv.scores is not None:
+    m = ckv.scores.shape[-1] - ckv.recent_capacity
+    updates["scores"] = _set_slot(ckv.scores, m + nk, jnp.zeros(nk.shape), on)
+  return dataclasses.replace(ckv, **updates)
+
+
+def _flush_kivi(ckv: CompressedKV, recent: int, flush: int) -> CompressedKV:
+  """Steps 2-3 for non-evicting caches: one value leaves per step, keys leave `flush` at a time."""
+  cap = _body.head_capacity(ckv)
+  kb, vb, nk = ckv.key_fill, ckv.value_fill, ckv.recent_fill
+  need_v = (kb + nk - vb > recent) & (vb < cap)
+  d = vb - kb
+  value = _get_slot(ckv.recent_v, d)[:, :, None]
+  body_v = _write_body(ckv, ckv.body_v, value, vb, need_v)
+  body_pos = _write_pos(ckv, _get_slot(ckv.recent_pos, d), vb, need_v)
+  vb = vb + need_v.astype(jnp.int32)
+  ckv = dataclasses.replace(ckv, body_v=body_v, body_pos=body_pos, value_fill=vb)
+
+  need_k = (vb - kb >= flush) & (kb + flush <= cap)
+  body_k = _write_body(ckv, ckv.body_k, ckv.recent_k[:, :, :flush], kb, need_k)
+  return dataclasses.replace(
+      ckv, body_k=body_k, key_fill=kb + flush * need_k.astype(jnp.int32),
+      recent_fill=nk - flush * need_k.astype(jnp.int32),
+      recent_k=_shift(ckv.recent_k, flush, need_k), recent_v=_shift(ckv.recent_v, flush, need_k),
+      recent_pos=_shift(ckv.recent_pos, flush, need_k))
+
+
+def _flush_evict(ckv: CompressedKV, recent: int) -> CompressedKV:
+  """Step 2 for bounded caches: the token leaving the window moves to a free or weaker body slot, or is dropped."""
+  kb, nk = ckv.key_fill, ckv.recent_fill
+  leave = nk > recent
+  cap = _body.head_capacity(ckv)
+  m = ckv.body_pos.shape[2]
+  target, place = kb, leave & (kb < cap)
+  scores = ckv.scores
+  if scores is not None and m > 0:
+    body_scores = jnp.where(jnp.arange(m)[None, None, :] < kb[..., None], scores[..., :m], jnp.inf)
+    victim = jnp.argmin(body_scores, axis=-1).astype(jnp.int32)
+    mine = scores[..., m]
+    beats = mine > jnp.min(body_scores, axis=-1)
+    full = kb >= cap
+    target = jnp.where(full, victim, kb)
+    place = leave & (~full | beats)
+    scores = _set_slot(scores, target, mine, place)
+  grow = leave & (kb < cap)
+  k_row = ckv.recent_k[:, :, :1]
+  body_k = _write_body(ckv, ckv.body_k, k_row, target, place)
+  body_v = _write_body(ckv, ckv.body_v, ckv.recent_v[:, :, :1], target, place)
+  body_pos = _write_pos(ckv, ckv.recent_pos[:, :, 0], target, place)
+  if scores is not None:
+    scores = jnp.concatenate([scores[..., :m], _shift(scores[..., m:], 1, leave)], axis=-1)
+  return dataclasses.replace(
+      ckv, body_k=body_k, body_v=body_v, body_pos=body_pos, scores=scores,
+      key_fill=kb + grow.astype(jnp.int32), value_fill=ckv.value_fill + grow.astype(jnp.int32),
+      recent_fill=nk - leave.astype(jnp.int32), recent_k=_shift(ckv.recent_k, 1, leave),
+      recent_v=_shift(ckv.recent_v, 1, leave), recent_pos=_shift(ckv.recent_pos, 1, leave))
+
+
+def _append(ckv: CompressedKV, k_t: jax.Array, v_t: jax.Array, policy: Policy) -> CompressedKV:
+  validation.compressed(ckv)
+  validation.token(k_t, ckv, "k_t")
+  validation.token(v_t, ckv, "v_t")
+  flush = ckv.recent_capacity - _recent_window(ckv, policy)
+  if policy.evicting:
+    if flush != 1 or isinstance(ckv.body_k, QuantizedTensor):
+      raise ValueError(f"policy {policy.name!r} evicts but this cache was not built by an evicting policy")
+  elif flush < 1:
+    raise ValueError(f"policy {policy.name!r} does not match this cache (recent capacity "
+                     f"{ckv.recent_capacity})")
+  ckv = _push(ckv, k_t, v_t)
+  recent = ckv.recent_capacity - flush
+  if policy.evicting:
+    return _flush_evict(ckv, recent)
+  return _flush_kivi(ckv, recent, flush)
+
+
+def _recent_window(ckv: CompressedKV, policy: Policy) -> int:
+  """The bf16 window the cache keeps: its recent capacity less the key flush unit it was built with."""
+  body_k = ckv.body_k
+  if isinstance(body_k, QuantizedTensor) and body_k.axis == "channel":
+    return ckv.recent_capacity - body_k.group
+  return ckv.recent_capacity - 1
+
+
+@functools.partial(jax.jit, static_argnames=("policy",), donate_argnames=("ckv",))
+def append(ckv: CompressedKV, k_t: jax.Array, v_t: jax.Array, policy: Policy) -> CompressedKV:
+  """Appends one decoded token to every row of a layer's compressed cache.
+
+  Args:
+    ckv: the layer's CompressedKV (donated: do not reuse the argument).
+    k_t, v_t: [B, K, H] the new token's key (post-RoPE) and value.
+    policy: the static policy the cache was built with (decides eviction).
+
+  Returns:
+    The updated CompressedKV; `dropped` counts tokens that found no room (reserve more at compress time).
+  """
+  return _append(ckv, k_t, v_t, policy)
+
+
+@jax.jit
+def observe(ckv: CompressedKV, probs: jax.Array) -> CompressedKV:
+  """Adds attention probabilities f32[B, K, M + R] (from `attend(..., return_probs=True)`) to H2O's scores.
+
+  A cache without accumulated scores (every policy but H2O) is returned unchanged.
+  """
+  if ckv.scores is None:
+    return ckv
+  if probs.shape != ckv.scores.shape:
+    raise ValueError(f"probs shape {probs.shape} does not match the cache's score slots {ckv.scores.shape}")
+  return dataclasses.replace(ckv, scores=ckv.scores + probs.astype(jnp.float32))

@@ -1,0 +1,256 @@
+"""Prefill-time compression and analysis-time decompression of one layer's cache.
+
+compress: DenseKV -> scores -> kept indices -> gathered K/V -> quantized body + bf16 sinks and recent window.
+decompress: CompressedKV -> DenseKV of the kept tokens (dequantized) with their original positions.
+
+Both are pure and jit-compatible with the policy, layer, num_layers and reserve static; lengths are arrays, so a
+new prompt length of the same capacity S does not retrace.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from akv_jax import body as _body
+from akv_jax import selection, validation
+from akv_jax.cache import CompressedKV, DenseKV
+from akv_jax.policy import Layout, Policy, QUERY_SELECTIONS
+from akv_jax.quant import empty_quantized, quantize
+
+_NEG = -jnp.inf
+
+
+def _scores(policy: Policy, kv: DenseKV, queries: jax.Array | None) -> jax.Array | None:
+  """f32[B, K, S] selection scores, or None when every candidate is kept."""
+  match policy.selection:
+    case "none" | "streaming":
+      return None
+    case "snapkv":
+      return selection.snapkv_scores(queries[:, :, -policy.window:], kv, window=policy.window,
+                                     kernel_size=policy.kernel_size, pooling=policy.pooling,
+                                     reduce=policy.reduce)
+    case "h2o":
+      return selection.h2o_scores(queries, kv)
+    case "tova":
+      return selection.tova_scores(queries[:, :, -1], kv)
+    case "knorm":
+      return selection.knorm_scores(kv)
+  raise ValueError(f"selection={policy.selection!r} is unknown")
+
+
+def _take(x: jax.Array, idx: jax.Array, valid: jax.Array) -> jax.Array:
+  """Gathers x [B, K, S, ...] at idx i32[B, K, n] along S; invalid slots are zeroed (never garbage)."""
+  s = x.shape[2]
+  idx = jnp.clip(idx, 0, s - 1)
+  expand = idx.reshape(idx.shape + (1,) * (x.ndim - 3))
+  out = jnp.take_along_axis(x, expand, axis=2)
+  return jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 3)), out, jnp.zeros((), x.dtype))
+
+
+def _select(policy: Policy, lay: Layout, kv: DenseKV, scores, lengths, ws):
+  """Kept body tokens per head: (sorted indices i32[B, K, n], kept count i32[B, K], budgets or None)."""
+  b, kh, s, _ = kv.k.shape
+  z = lay.n_sink
+  avail = jnp.maximum(ws - z, 0)[:, None]  # [B, 1] candidates per row
+  if lay.paged:
+    n = lay.max_pages * lay.page_size - lay.reserve_pages * lay.page_size
+  else:
+    n = lay.selected
+  n = min(n, s)
+  if scores is None or n == 0:
+    idx = jnp.broadcast_to(z + jnp.arange(n, dtype=jnp.int32), (b, kh, n))
+    return idx, jnp.minimum(avail, n) * jnp.ones((b, kh), jnp.int32), None
+  pos = jnp.arange(s)[None, None, :]
+  cand = (pos >= z) & (pos < ws[:, None, None])
+  masked = jnp.where(cand, scores, _NEG)
+  if lay.paged:
+    total = kh * lay.budget_pages * lay.page_size
+    budget = selection.adakv_head_budgets(masked, total, alpha=policy.adakv_alpha, granularity=lay.page_size,
+                                          cap=n)
+  else:
+    budget = jnp.full((b, kh), n, jnp.int32)
+  vals, idx = jax.lax.top_k(masked, n)
+  rank = jnp.arange(n)[None, None, :]
+  keep = (vals > _NEG) & (rank < budget[:, :, None])
+  # Original order: kept indices first (ascending), dropped slots pushed past S.
+  idx = jnp.sort(jnp.where(keep, idx, s), axis=-1).astype(jnp.int32)
+  count = jnp.sum(keep, axis=-1).astype(jnp.int32)
+  return idx, count, (budget if lay.paged else None)
+
+
+def _page_table(lay: Layout, budget: jax.Array) -> jax.Array:
+  """i32[B, K, P_max]: head h owns its budget pages packed after the heads before it, then its reserve pages."""
+  b, kh = budget.shape
+  pages = budget // lay.page_size
+  start = jnp.cumsum(pages, axis=-1) - pages
+  p = jnp.arange(lay.max_pages)[None, None, :]
+  reserve_base = kh * lay.budget_pages + jnp.arange(kh)[None, :, None] * lay.reserve_pages
+  own = jnp.where(p < pages[..., None], start[..., None] + p,
+                  jnp.where(p < pages[..., None] + lay.reserve_pages, reserve_base + p - pages[..., None], -1))
+  return own.astype(jnp.int32)
+
+
+def _to_pool(leaf: jax.Array, table: jax.Array, pool_pages: int) -> jax.Array:
+  """Per-head body leaf [B, K, P_max * r, ...] -> pooled [B, 1, pool_pages * r, ...] through the page table."""
+  b, kh = table.shape[:2]
+  max_pages = table.shape[-1]
+  rows = leaf.shape[2] // max_pages
+  x = leaf.reshape(b, kh * max_pages, rows, *leaf.shape[3:])
+  # Invert the table: which (head, page) fills each pool page. Unowned pool pages read an all-zero page.
+  flat = table.reshape(b, -1)
+  src = jnp.full((b, pool_pages), kh * max_pages, jnp.int32)
+  src = jax.vmap(lambda s_, t: s_.at[t].set(jnp.arange(t.shape[0], dtype=jnp.int32), mode="drop"))(src, flat)
+  x = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
+  out = jnp.take_along_axis(x, src.reshape(b, pool_pages, *([1] * (x.ndim - 2))), axis=1)
+  return out.reshape(b, 1, pool_pages * rows, *leaf.shape[3:])
+
+
+def _store(x: jax.Array, spec, valid: jax.Array):
+  if spec is None:
+    return x
+  return quantize(x, spec, valid)
+
+
+def _compress(kv: DenseKV, policy: Policy, queries, layer: int, num_layers: int, reserve: int) -> CompressedKV:
+  b, kh, s, h = validation.dense(kv, per_row_lengths=True)
+  if policy.selection in QUERY_SELECTIONS:
+    if queries is None:
+      raise ValueError(f"selection={policy.selection!r} needs observation queries; pass queries=[B, N, W, H]")
+    validation.queries(queries, b, kh, h)
+    if policy.selection == "snapkv" and queries.shape[2] < policy.window:
+      raise ValueError(f"queries hold {queries.shape[2]} tokens, fewer than window={policy.window}")
+  lay = policy.layout(s, layer, num_layers, reserve=reserve)
+  z, u = lay.n_sink, lay.flush
+  lengths = jnp.asarray(kv.lengths, jnp.int32)
+  ws = jnp.maximum(z, lengths - lay.recent)                       # [B] window start
+  w = jnp.maximum(lengths - ws, 0)                                # [B] window tokens
+  scores = _scores(policy, kv, queries)
+  sel_idx, count, budget = _select(policy, lay, kv, scores, lengths, ws)
+  n = sel_idx.shape[-1]
+  kb = (count // u) * u                                          # keys quantized in whole groups
+  vb = count
+
+  # Body: selected tokens, slot i = i-th kept token in original order.
+  m_heads = lay.body_capacity
+  slot = jnp.arange(m_heads, dtype=jnp.int32)[None, None, :]
+  body_idx = jnp.pad(sel_idx, ((0, 0), (0, 0), (0, max(m_heads - n, 0))), constant_values=s)[..., :m_heads]
+  kvalid, vvalid = slot < kb[..., None], slot < vb[..., None]
+  body_k = _store(_take(kv.k, body_idx, kvalid), lay.key_spec, kvalid)
+  body_v = _store(_take(kv.v, body_idx, vvalid), lay.value_spec, vvalid)
+  positions = kv.token_positions()
+  body_pos = jnp.where(vvalid, _take(positions, body_idx, vvalid), -1)
+
+  # Recent buffer: logical slots from key_fill on: the kept tokens whose keys did not fill a group, then the
+  # bf16 window.
+  rc = lay.recent_capacity
+  j = kb[..., None] + jnp.arange(rc, dtype=jnp.int32)[None, None, :]   # logical index of recent slot
+  from_sel = j < count[..., None]
+  win = j - count[..., None]
+  ridx = jnp.where(from_sel, jnp.take_along_axis(sel_idx, jnp.clip(j, 0, max(n - 1, 0)), axis=-1)
+                   if n else s, ws[:, None, None] + win)
+  rvalid = from_sel | (win < w[:, None, None])
+  recent_k, recent_v = _take(kv.k, ridx, rvalid), _take(kv.v, ridx, rvalid)
+  recent_pos = jnp.where(rvalid, _take(positions, ridx, rvalid), -1)
+  recent_fill = (count - kb) + w[:, None]
+
+  sidx = jnp.broadcast_to(jnp.arange(z, dtype=jnp.int32), (b, kh, z))
+  sink_fill = jnp.minimum(lengths, z)
+  svalid = sidx < sink_fill[:, None, None]
+
+  page_table, page_size = None, 1
+  if lay.paged:
+    page_table, page_size = _page_table(lay, budget), lay.page_size
+    pool = lay.pool_pages(kh)
+    body_k, body_v, body_pos = jax.tree_util.tree_map(
+        lambda leaf: _to_pool(leaf, page_table, pool), (body_k, body_v, body_pos))
+    # Pool pages no head owns (none when the budgets sum exactly) read as empty.
+    body_pos = jnp.where(_to_pool(vvalid, page_table, pool), body_pos, -1)
+
+  h2o = None
+  if policy.selection == "h2o":
+    h2o = jnp.concatenate([jnp.where(vvalid, _take(scores, body_idx, vvalid), 0.0),
+                           jnp.where(rvalid, _take(scores, ridx, rvalid), 0.0)], axis=-1)
+  return CompressedKV(
+      sink_k=_take(kv.k, sidx, svalid), sink_v=_take(kv.v, sidx, svalid),
+      body_k=body_k, body_v=body_v, body_pos=body_pos.astype(jnp.int32),
+      key_fill=kb.astype(jnp.int32), value_fill=vb.astype(jnp.int32),
+      recent_k=recent_k, recent_v=recent_v, recent_pos=recent_pos.astype(jnp.int32),
+      recent_fill=recent_fill.astype(jnp.int32), sink_fill=sink_fill, next_pos=lengths,
+      dropped=jnp.zeros((b, kh), jnp.int32), page_table=page_table, scores=h2o, page_size=page_size)
+
+
+@functools.partial(jax.jit, static_argnames=("policy", "layer", "num_layers", "reserve"))
+def compress(kv: DenseKV, policy: Policy, *, queries: jax.Array | None = None, layer: int = 0,
+             num_layers: int = 1, reserve: int = 0) -> CompressedKV:
+  """Compresses one layer's prefill cache.
+
+  Args:
+    kv: DenseKV with k, v [B, K, S, H] and per-row lengths i32[B] (right-padded).
+    policy: static Policy.
+    queries: [B, N, T, H] observation queries: the last T prompt queries of each row (row b's query t sits at
+      position lengths[b] - T + t). SnapKV/AdaKV/PyramidKV read the last `window`, TOVA the last one, H2O all T.
+    layer, num_layers: static; pick the layer's budget (PyramidKV) and bits (guard layers).
+    reserve: static number of tokens decoding will append; sizes the body of non-evicting policies.
+
+  Returns:
+    CompressedKV holding only the kept tokens, at the layer's precision.
+  """
+  return _compress(kv, policy, queries, layer, num_layers, reserve)
+
+
+def compress_layers(kvs, policy: Policy, *, queries=None, reserve: int = 0) -> tuple[CompressedKV, ...]:
+  """Compresses a sequence of per-layer DenseKV (with per-layer queries or None) into a multi-layer cache."""
+  num_layers = len(kvs)
+  qs = queries if queries is not None else (None,) * num_layers
+  if len(qs) != num_layers:
+    raise ValueError(f"got {len(qs)} query sets for {num_layers} layers")
+  return tuple(compress(kv, policy, queries=q, layer=i, num_layers=num_layers, reserve=reserve)
+               for i, (kv, q) in enumerate(zip(kvs, qs)))
+
+
+def logical_view(ckv: CompressedKV, dtype=jnp.float32):
+  """Per-head logical order of the kept non-sink tokens.
+
+  Returns (k, v, pos, valid): k, v [B, K, M + R, H] in `dtype`, pos i32[B, K, M + R], valid bool[B, K, M + R];
+  slot i is the i-th kept token after the sinks (body slots first, then the recent buffer).
+  """
+  bk = _body.dequantize_heads(ckv, ckv.body_k, dtype)
+  bv = _body.dequantize_heads(ckv, ckv.body_v, dtype)
+  bpos = _body.head_positions(ckv)
+  m = bk.shape[2]
+  rc = ckv.recent_capacity
+  i = jnp.arange(m + rc, dtype=jnp.int32)[None, None, :]
+  kb, vb = ckv.key_fill[..., None], ckv.value_fill[..., None]
+  kidx = jnp.where(i < kb, i, m + i - kb)
+  vidx = jnp.where(i < vb, i, m + i - kb)
+  valid = i < kb + ckv.recent_fill[..., None]
+  allk = jnp.concatenate([bk, ckv.recent_k.astype(dtype)], axis=2)
+  allv = jnp.concatenate([bv, ckv.recent_v.astype(dtype)], axis=2)
+  allp = jnp.concatenate([bpos, ckv.recent_pos], axis=2)
+  return (_take(allk, kidx, valid), _take(allv, vidx, valid), jnp.where(valid, _take(allp, vidx, valid), -1),
+          valid)
+
+
+@jax.jit
+def decompress(ckv: CompressedKV) -> DenseKV:
+  """The kept tokens as a DenseKV [B, K, Z + M + R, H] (f32), sorted by original position, lengths i32[B, K]."""
+  validation.compressed(ckv)
+  k, v, pos, valid = logical_view(ckv)
+  z = ckv.sink_k.shape[2]
+  spos = jnp.broadcast_to(jnp.arange(z, dtype=jnp.int32), ckv.sink_k.shape[:3])
+  svalid = spos < ckv.sink_fill[:, None, None]
+  k = jnp.concatenate([ckv.sink_k.astype(jnp.float32), k], axis=2)
+  v = jnp.concatenate([ckv.sink_v.astype(jnp.float32), v], axis=2)
+  pos = jnp.concatenate([jnp.where(svalid, spos, -1), pos], axis=2)
+  valid = jnp.concatenate([svalid, valid], axis=2)
+  # Sort valid tokens by position (evicting policies reuse body slots out of order), empties last.
+  key = jnp.where(valid, pos, jnp.iinfo(jnp.int32).max)
+  order = jnp.argsort(key, axis=-1)
+  k = jnp.take_along_axis(k, order[..., None], axis=2)
+  v = jnp.take_along_axis(v, order[..., None], axis=2)
+  pos = jnp.take_along_axis(pos, order, axis=2)
+  lengths = jnp.sum(valid, axis=-1).astype(jnp.int32)
+  return DenseKV(k=k, v=v, lengths=lengths, positions=pos)
