@@ -15,6 +15,7 @@ Typical use:
     ckv = akv.append(ckv, k_t, v_t, policy)            # k_t, v_t: [B, K, H]
 """
 
+from akv_jax import metrics as metrics
 from akv_jax import presets as presets
 from akv_jax import selection as selection
 from akv_jax.attention import attend as attend

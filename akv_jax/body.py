@@ -82,6 +82,8 @@ def write_rows(flat: jax.Array, rows: jax.Array, slots: jax.Array, enabled: jax.
   branch-free.
   """
   rows_total = flat.shape[1]
+  if rows_total == 0:  # a body with no slots (StreamingLLM keeps only sinks and the window)
+    return flat
   idx = slots // (total_slots // rows_total)
   idx = jnp.where(enabled[..., None], idx, rows_total)
   bidx = jnp.broadcast_to(jnp.arange(flat.shape[0])[:, None, None], idx.shape)

@@ -100,7 +100,8 @@ def _to_pool(leaf: jax.Array, table: jax.Array, pool_pages: int) -> jax.Array:
   rows = leaf.shape[2] // max_pages
   x = leaf.reshape(b, kh * max_pages, rows, *leaf.shape[3:])
   # Invert the table: which (head, page) fills each pool page. Unowned pool pages read an all-zero page.
-  flat = table.reshape(b, -1)
+  # Unowned table entries (-1) must not wrap around to the last pool page.
+  flat = jnp.where(table < 0, pool_pages, table).reshape(b, -1)
   src = jnp.full((b, pool_pages), kh * max_pages, jnp.int32)
   src = jax.vmap(lambda s_, t: s_.at[t].set(jnp.arange(t.shape[0], dtype=jnp.int32), mode="drop"))(src, flat)
   x = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)

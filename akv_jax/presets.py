@@ -2,8 +2,9 @@
 S = 32768 (H = 128, 32 layers, bf16 input), which tests/test_presets.py checks from the held arrays.
 
 Hybrid presets follow MiniKV's recipe (select once at prefill, then KIVI 2-bit) with this library's guard bands:
-4 bf16 sinks, a 128-token bf16 recent window (KIVI's residual) that also holds the SnapKV observation window,
-and layer 0, the most sensitive to quantization in our proxy measurements, at 4 bits.
+4 bf16 sinks, a 128-token bf16 recent window (KIVI's residual; 64 for hybrid_12x, where its fixed cost
+would otherwise dominate at 8k) that also holds the SnapKV observation window,
+and layer 0 kept at more bits as a sensitive-layer guard band (a default, not yet tuned on a model).
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ PRESETS: dict[str, Policy] = {
     "knorm": Policy(name="knorm", selection="knorm", keep=0.25, recent=32),
     "kivi2": Policy(name="kivi2", key_bits=2, value_bits=2, **_KIVI),
     "kivi4": Policy(name="kivi4", key_bits=4, value_bits=4, **_KIVI),
-    "hybrid_5x": Policy(name="hybrid_5x", selection="snapkv", keep=0.6, window=32, key_bits=4, value_bits=4,
+    "hybrid_5x": Policy(name="hybrid_5x", selection="snapkv", keep=0.56, window=32, key_bits=4, value_bits=4,
                         guard_layers=(0,), guard_bits=8, **_KIVI),
-    "hybrid_8x": Policy(name="hybrid_8x", selection="snapkv", budget="pyramid", keep=0.62, window=32,
+    "hybrid_8x": Policy(name="hybrid_8x", selection="snapkv", budget="pyramid", keep=0.55, window=32,
                         key_bits=2, value_bits=2, guard_layers=(0,), guard_bits=4, **_KIVI),
-    "hybrid_12x": Policy(name="hybrid_12x", selection="snapkv", budget="adakv", keep=0.4, window=32,
-                         key_bits=2, value_bits=2, guard_layers=(0,), guard_bits=4, **_KIVI),
+    "hybrid_12x": Policy(name="hybrid_12x", selection="snapkv", budget="adakv", keep=0.355, window=32,
+                         key_bits=2, value_bits=2, guard_layers=(0,), guard_bits=4,
+                         **{**_KIVI, "recent": 64}),
 }
 
 

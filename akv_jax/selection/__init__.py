@@ -1,7 +1,7 @@
 """Token selection: importance scores (which tokens to keep) and budgets (how many, per layer and per head).
 
 Scores are f32[B, K, S], one per kv head, higher = keep, -inf at padding; budgets are static per-layer ints
-or i32[B, K] per-head arrays. Gathering the kept tokens is the pipeline's job.
+or i32[B, K] per-head arrays.
 """
 
 from .budgets import adakv_head_budgets as adakv_head_budgets

@@ -2,11 +2,13 @@
 
 Axis legend: B batch, K kv heads, S key length, L layers, C average per-head budget of a layer.
 
-Layer budgets are static Python ints (they fix array shapes). Head budgets are arrays computed under jit from
-the scores, with every knob that shapes them (total, alpha, granularity, cap) static.
+Layer budgets are static Python ints (they fix array shapes). Head budgets are i32 arrays computed from the
+scores; their knobs (total, alpha, granularity, cap) are static Python values, validated before tracing.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +132,9 @@ def adakv_head_budgets(scores: jax.Array, total: int, *, alpha: float = 0.2, gra
 
   Returns:
     i32[B, K] budgets, multiples of `granularity`.
+
+  Only `total` fixes a shape, so after validating the static knobs here the allocation runs as one jitted
+  function with alpha, granularity and cap as traced scalars: sweeping them does not recompile.
   """
   if scores.ndim != 3:
     raise ValueError(f"scores must be [B, K, S], got shape {scores.shape}")
@@ -151,32 +156,38 @@ def adakv_head_budgets(scores: jax.Array, total: int, *, alpha: float = 0.2, gra
   if available is not None and available.shape != (b, kh):
     raise ValueError(f"available must be [B, K] = {(b, kh)}, got shape {available.shape}")
 
+  # No cap = a cap no head can reach (every slot, and every unit of the total).
+  cap_tokens = max(s, total) if cap is None else cap
+  if available is None:
+    available = jnp.full((b, kh), total, jnp.int32)
+  return _allocate(scores, available, jnp.float32(alpha), jnp.int32(granularity), jnp.int32(cap_tokens),
+                   total=total)
+
+
+@functools.partial(jax.jit, static_argnames=("total",))
+def _allocate(scores: jax.Array, available: jax.Array, alpha: jax.Array, granularity: jax.Array,
+              cap: jax.Array, *, total: int) -> jax.Array:
+  """The array part of `adakv_head_budgets`; scores: [B, K, S], available: i32[B, K], scalars traced."""
+  b, kh, s = scores.shape
   scores = scores.astype(jnp.float32)
-  candidate = scores > -jnp.inf
-  if cap is not None and cap < s:
-    # Rank inside each head by a stable sort so that ties resolve the same way on every backend.
-    order = jnp.argsort(-scores, axis=2, stable=True)
-    rank = jnp.argsort(order, axis=2, stable=True)
-    candidate = candidate & (rank < cap)
+  # Rank inside each head by a stable sort so that ties resolve the same way on every backend.
+  order = jnp.argsort(-scores, axis=2, stable=True)
+  rank = jnp.argsort(order, axis=2, stable=True)
+  candidate = (scores > -jnp.inf) & (rank < cap)
   flat = jnp.where(candidate, scores, -jnp.inf).reshape(b, kh * s)
-  n_top = min(total, kh * s)
-  top = jnp.argsort(-flat, axis=1, stable=True)[:, :n_top]
+  top = jnp.argsort(-flat, axis=1, stable=True)[:, :min(total, kh * s)]
   hit = jnp.take_along_axis(flat, top, axis=1) > -jnp.inf
   counts = jnp.zeros((b, kh), jnp.int32).at[jnp.arange(b)[:, None], top // s].add(hit.astype(jnp.int32))
 
   units_total = total // granularity
   raw = (counts.astype(jnp.float32) * (1.0 - alpha) + alpha * (total / kh)) / granularity
-  upper = jnp.full((b, kh), units_total, jnp.int32)
-  if cap is not None:
-    upper = jnp.minimum(upper, cap // granularity)
-  if available is not None:
-    avail_units = (jnp.maximum(available.astype(jnp.int32), 0) + granularity - 1) // granularity
-    upper = jnp.minimum(upper, avail_units)
+  avail_units = (jnp.maximum(available.astype(jnp.int32), 0) + granularity - 1) // granularity
+  upper = jnp.minimum(jnp.minimum(units_total, cap // granularity), avail_units)
   floor = jnp.floor(raw)
   base = jnp.clip(floor.astype(jnp.int32), 0, upper)
   # sum(raw) <= units_total (counts sum to at most total), and floors and clamps only lower it: deficit >= 0.
   deficit = jnp.maximum(units_total - jnp.sum(base, axis=1), 0)
   remainder = raw - floor
-  order = jnp.argsort(-remainder, axis=1, stable=True)
-  units = base + _level_fill(deficit, upper - base, order)
+  heads_by_remainder = jnp.argsort(-remainder, axis=1, stable=True)
+  units = base + _level_fill(deficit, upper - base, heads_by_remainder)
   return (units * granularity).astype(jnp.int32)

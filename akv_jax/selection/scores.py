@@ -3,8 +3,9 @@
 Axis legend: B batch, T query length, S key length, N query heads, K kv heads, G = N / K query heads per kv
 head, H head dim, W observation window.
 
-Every function returns f32[B, K, S] and is pure and jit-compatible (all knobs are static keyword arguments).
-Conventions shared by all of them:
+Every function returns f32[B, K, S] and is pure and jitted, with its knobs static keyword arguments, so an
+eager call compiles once per shape and configuration instead of once per primitive, and static problems
+raise ValueError at trace time. Conventions shared by all of them:
 
 * GQA: query head n belongs to kv head n // G, and the G query heads of a kv head are combined by averaging
   their attention, so a score never exists per query head (storing per query head would inflate the cache G
@@ -17,6 +18,7 @@ Conventions shared by all of them:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -119,6 +121,7 @@ def _pool(scores: jax.Array, valid: jax.Array, kernel_size: int, pooling: str) -
   return total / jnp.maximum(count, 1.0)
 
 
+@functools.partial(jax.jit, static_argnames=("n_sink",))
 def streaming_scores(kv: DenseKV, *, n_sink: int = 4) -> jax.Array:
   """StreamingLLM: attention sinks first, then the most recent tokens.
 
@@ -140,6 +143,7 @@ def streaming_scores(kv: DenseKV, *, n_sink: int = 4) -> jax.Array:
   return _mask_invalid(scores, kv)
 
 
+@functools.partial(jax.jit, static_argnames=("window", "kernel_size", "pooling", "reduce"))
 def snapkv_scores(q_obs: jax.Array, kv: DenseKV, *, window: int = 32, kernel_size: int = 7,
                   pooling: Pooling = "max", reduce: Reduce = "mean") -> jax.Array:
   """SnapKV: attention from the observation window, combined over the group, then pooled along S.
@@ -190,6 +194,7 @@ def snapkv_scores(q_obs: jax.Array, kv: DenseKV, *, window: int = 32, kernel_siz
   return _mask_invalid(scores, kv)
 
 
+@functools.partial(jax.jit, static_argnames=("chunk",))
 def h2o_scores(queries: jax.Array, kv: DenseKV, *, query_positions: jax.Array | None = None,
                chunk: int = 256) -> jax.Array:
   """H2O heavy hitters: attention accumulated over many queries, averaged over the G heads of a kv head.
@@ -237,6 +242,7 @@ def h2o_scores(queries: jax.Array, kv: DenseKV, *, query_positions: jax.Array | 
   return _mask_invalid(acc / g, kv)
 
 
+@jax.jit
 def tova_scores(q_last: jax.Array, kv: DenseKV) -> jax.Array:
   """TOVA: attention of the last query, averaged over the G heads of each kv head.
 
@@ -256,6 +262,7 @@ def tova_scores(q_last: jax.Array, kv: DenseKV) -> jax.Array:
   return _mask_invalid(jnp.mean(probs[:, :, :, 0, :], axis=2), kv)
 
 
+@jax.jit
 def knorm_scores(kv: DenseKV) -> jax.Array:
   """KNorm: minus the L2 norm of each key (low-norm keys draw the most attention), computed in f32.
 

@@ -1,0 +1,30 @@
+"""Shared fixtures for tests and examples: seeded random caches and a decode loop."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from akv_jax.cache import DenseKV
+
+
+def random_kv(seed: int, *, b: int = 2, k: int = 2, s: int = 128, h: int = 32, lengths=None,
+              dtype=jnp.float32) -> DenseKV:
+  """A DenseKV of seeded normal K/V [B, K, S, H]; lengths default to S for every row."""
+  kk, kv_ = jax.random.split(jax.random.key(seed))
+  lengths = jnp.full((b,), s, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+  return DenseKV(k=jax.random.normal(kk, (b, k, s, h)).astype(dtype),
+                 v=jax.random.normal(kv_, (b, k, s, h)).astype(dtype), lengths=lengths)
+
+
+def random_queries(seed: int, *, b: int = 2, n: int = 4, t: int | None = 32, h: int = 32,
+                   dtype=jnp.float32) -> jax.Array:
+  """Seeded normal queries [B, N, T, H] (or [B, N, H] when t is None)."""
+  shape = (b, n, h) if t is None else (b, n, t, h)
+  return jax.random.normal(jax.random.key(seed), shape).astype(dtype)
+
+
+def token_at(kv: DenseKV, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Key and value [B, K, H] of each row at position pos i32[B]."""
+  rows = jnp.arange(kv.k.shape[0])
+  return kv.k[rows, :, pos], kv.v[rows, :, pos]

@@ -1,0 +1,116 @@
+"""Quantization: error bounds, exact packing, constant groups, padding never entering min/max."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import akv_jax as akv
+from akv_jax.quant import QuantSpec, empty_quantized
+
+
+def _step(qt, axis):
+  red = -2 if axis == "channel" else -1
+  return jnp.repeat(qt.scale.astype(jnp.float32), qt.group, axis=red)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("axis", ["channel", "token"])
+def test_error_within_half_step(bits, axis):
+  x = jax.random.normal(jax.random.key(bits), (2, 3, 64, 64)) * 4 + 1
+  x = x.at[..., 5].multiply(30.0)  # an outlier channel
+  spec = QuantSpec(bits=bits, group=16, axis=axis)
+  qt = akv.quantize(x, spec)
+  err = jnp.abs(akv.dequantize(qt) - x)
+  step = _step(qt, axis)
+  # Half a step of the stored f16 scale, plus f32 rounding of the dequantization itself.
+  assert bool(jnp.all(err <= 0.5 * step + 1e-5 * (1 + jnp.abs(x))))
+  assert qt.codes.dtype == jnp.uint8 and qt.codes.shape[-1] == 64 * bits // 8
+  assert qt.scale.dtype == jnp.float16
+
+
+def test_channel_groups_isolate_outlier_channels():
+  x = jax.random.normal(jax.random.key(0), (1, 32, 16))
+  x = x.at[:, :, 3].multiply(100.0)
+  per_channel = akv.dequantize(akv.quantize(x, QuantSpec(bits=2, group=32, axis="channel")))
+  per_token = akv.dequantize(akv.quantize(x, QuantSpec(bits=2, group=16, axis="token")))
+  normal = np.arange(16) != 3
+  err_c = float(jnp.abs(per_channel - x)[..., normal].mean())
+  err_t = float(jnp.abs(per_token - x)[..., normal].mean())
+  assert err_c < err_t / 4
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_constant_group_is_exact_and_finite(bits):
+  x = jnp.full((2, 32, 8), 3.3)
+  x = x.at[1].set(0.0)
+  for axis, group in (("channel", 32), ("token", 8)):
+    out = akv.dequantize(akv.quantize(x, QuantSpec(bits=bits, group=group, axis=axis)))
+    assert not bool(jnp.any(jnp.isnan(out)))
+    np.testing.assert_allclose(out, x, rtol=1e-6)
+
+
+@pytest.mark.parametrize("axis", ["channel", "token"])
+def test_padded_tokens_never_enter_min_max(axis):
+  x = jax.random.normal(jax.random.key(1), (1, 32, 16))
+  valid = jnp.arange(32)[None, :] < 20
+  spec = QuantSpec(bits=2, group=16 if axis == "token" else 32, axis=axis)
+  a = akv.quantize(x, spec, valid)
+  b = akv.quantize(jnp.where(valid[..., None], x, 1e4), spec, valid)
+  for la, lb in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(la, lb)
+  rows = akv.dequantize(a)[0, :20]
+  assert float(jnp.max(jnp.abs(rows - x[0, :20]))) < 3.0  # the 1e4 pads would have made this ~1e3
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), rows=st.integers(1, 5), width=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_pack_unpack_bijective(bits, rows, width, seed):
+  h = width * (8 // bits)
+  codes = np.random.default_rng(seed).integers(0, 2**bits, size=(rows, h), dtype=np.uint8)
+  packed = akv.pack(jnp.asarray(codes), bits)
+  assert packed.shape == (rows, h * bits // 8)
+  np.testing.assert_array_equal(akv.unpack(packed, bits), codes)
+  # Bijective: packing is also onto every byte pattern.
+  raw = np.random.default_rng(seed + 1).integers(0, 256, size=(rows, h * bits // 8), dtype=np.uint8)
+  np.testing.assert_array_equal(akv.pack(akv.unpack(jnp.asarray(raw), bits), bits), raw)
+
+
+def test_packing_layout_sub_blocks_are_contiguous_head_dims():
+  codes = jnp.arange(16, dtype=jnp.uint8)[None] % 4   # 2-bit, H = 16, 4 codes per byte
+  packed = akv.pack(codes, 2)
+  # Byte j holds elements j, j + 4, j + 8, j + 12 in bit pairs 0-1, 2-3, 4-5, 6-7.
+  expect = [int(codes[0, j]) | int(codes[0, j + 4]) << 2 | int(codes[0, j + 8]) << 4 | int(codes[0, j + 12]) << 6
+            for j in range(4)]
+  np.testing.assert_array_equal(packed[0], expect)
+
+
+def test_rounding_is_half_up():
+  # Values exactly half way between two levels round up, the rule a Triton kernel shares.
+  x = jnp.array([[0.0], [0.5], [1.0], [3.0]]).repeat(4, axis=1)[None]   # [1, 4, 4], token groups of 4
+  qt = akv.quantize(jnp.swapaxes(x, -1, -2), QuantSpec(bits=2, group=4, axis="token"))
+  np.testing.assert_array_equal(akv.unpack(qt.codes, 2)[0, 0], [0, 1, 1, 3])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(bits=3), "bits=3 is not supported"),
+    (dict(bits=2, group=0), "group=0 must be >= 1"),
+    (dict(bits=2, axis="row"), "axis='row'"),
+])
+def test_spec_errors(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    QuantSpec(**kwargs)
+
+
+def test_shape_errors():
+  with pytest.raises(ValueError, match="token axis 30 is not a multiple of the key group 32"):
+    akv.quantize(jnp.zeros((30, 8)), QuantSpec(bits=2, group=32, axis="channel"))
+  with pytest.raises(ValueError, match="head dim 8 is not a multiple of the value group 32"):
+    akv.quantize(jnp.zeros((30, 8)), QuantSpec(bits=2, group=32, axis="token"))
+  with pytest.raises(ValueError, match="last axis 6 must be a multiple of 4"):
+    akv.pack(jnp.zeros((6,), jnp.uint8), 2)
+  with pytest.raises(ValueError, match="bits=5 is not supported"):
+    akv.unpack(jnp.zeros((6,), jnp.uint8), 5)
+  with pytest.raises(ValueError, match="head dim 6 must be a multiple of 4"):
+    empty_quantized((32, 6), QuantSpec(bits=2, group=2, axis="token"))
