@@ -148,30 +148,26 @@ def _flush_evict(ckv: CompressedKV, recent: int) -> CompressedKV:
       recent_v=_shift(ckv.recent_v, 1, leave), recent_pos=_shift(ckv.recent_pos, 1, leave))
 
 
+def _flush_unit(ckv: CompressedKV) -> int:
+  """Keys leave the recent buffer a whole channel group at a time when quantized per channel, else one by one."""
+  body_k = ckv.body_k
+  return body_k.group if isinstance(body_k, QuantizedTensor) and body_k.axis == "channel" else 1
+
+
 def _append(ckv: CompressedKV, k_t: jax.Array, v_t: jax.Array, policy: Policy) -> CompressedKV:
   validation.compressed(ckv)
   validation.token(k_t, ckv, "k_t")
   validation.token(v_t, ckv, "v_t")
-  flush = ckv.recent_capacity - _recent_window(ckv, policy)
-  if policy.evicting:
-    if flush != 1 or isinstance(ckv.body_k, QuantizedTensor):
-      raise ValueError(f"policy {policy.name!r} evicts but this cache was not built by an evicting policy")
-  elif flush < 1:
-    raise ValueError(f"policy {policy.name!r} does not match this cache (recent capacity "
-                     f"{ckv.recent_capacity})")
-  ckv = _push(ckv, k_t, v_t)
+  flush = _flush_unit(ckv)
+  if policy.evicting and (flush != 1 or isinstance(ckv.body_v, QuantizedTensor)):
+    raise ValueError(f"policy {policy.name!r} evicts but this cache was not built by an evicting policy "
+                     "(its body is quantized)")
+  # The recent capacity is the bf16 window plus one flush unit of headroom (see Policy.layout).
   recent = ckv.recent_capacity - flush
+  ckv = _push(ckv, k_t, v_t)
   if policy.evicting:
     return _flush_evict(ckv, recent)
   return _flush_kivi(ckv, recent, flush)
-
-
-def _recent_window(ckv: CompressedKV, policy: Policy) -> int:
-  """The bf16 window the cache keeps: its recent capacity less the key flush unit it was built with."""
-  body_k = ckv.body_k
-  if isinstance(body_k, QuantizedTensor) and body_k.axis == "channel":
-    return ckv.recent_capacity - body_k.group
-  return ckv.recent_capacity - 1
 
 
 @functools.partial(jax.jit, static_argnames=("policy",), donate_argnames=("ckv",))

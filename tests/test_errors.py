@@ -1,0 +1,161 @@
+"""Every static error path raises ValueError naming the bad value; value problems are caught by akv.checked."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import akv_jax as akv
+from akv_jax.testing import random_kv, random_queries
+
+B, K, N, S, H = 2, 2, 4, 96, 16
+
+
+@pytest.fixture(scope="module")
+def kv():
+  return random_kv(0, b=B, k=K, s=S, h=H, lengths=(96, 50))
+
+
+@pytest.fixture(scope="module")
+def q_obs():
+  return random_queries(1, b=B, n=N, t=32, h=H)
+
+
+SNAP = akv.Policy(selection="snapkv", keep=0.5, recent=32, window=32)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(selection="magic"), "selection='magic' is unknown"),
+    (dict(selection="snapkv", budget="fancy"), "budget='fancy' is unknown"),
+    (dict(selection="snapkv", keep=0.0), r"keep=0.0 must be in \(0, 1\]"),
+    (dict(selection="snapkv", keep=1.5), r"keep=1.5 must be in \(0, 1\]"),
+    (dict(keep=0.5), "selection='none' keeps every token; keep=0.5"),
+    (dict(n_sink=-1), "n_sink=-1 must be >= 0"),
+    (dict(recent=-2), "recent=-2 must be >= 0"),
+    (dict(window=-3), "window=-3 must be >= 0"),
+    (dict(recent_frac=1.0), r"recent_frac=1.0 must be in \[0, 1\)"),
+    (dict(selection="snapkv", keep=0.5, window=0), "window=0 must be >= 1"),
+    (dict(selection="snapkv", keep=0.5, window=64, recent=32), "window=64 must not exceed recent=32"),
+    (dict(kernel_size=4), "kernel_size=4 must be odd"),
+    (dict(pooling="min"), "pooling='min' must be 'max' or 'avg'"),
+    (dict(reduce="median"), "reduce='median' must be 'mean' or 'sum'"),
+    (dict(adakv_alpha=1.5), r"adakv_alpha=1.5 must be in \[0, 1\]"),
+    (dict(adakv_cap=0.5), "adakv_cap=0.5 must be >= 1"),
+    (dict(key_bits=3), "key_bits=3 is not supported"),
+    (dict(value_bits=1), "value_bits=1 is not supported"),
+    (dict(guard_bits=16), "guard_bits=16 is not supported"),
+    (dict(layer_bits=(2, 5)), r"layer_bits\[1\]=5 is not supported"),
+    (dict(key_axis="head"), "key_axis='head' must be 'channel' or 'token'"),
+    (dict(key_group=0), "key_group=0 must be >= 1"),
+    (dict(value_group=-1), "value_group=-1 must be >= 1"),
+    (dict(selection="h2o", keep=0.2, key_bits=2), "selection='h2o' evicts during decoding and keeps a bf16 body"),
+    (dict(selection="streaming", keep=0.2, budget="pyramid"), "selection='streaming' needs budget='uniform'"),
+])
+def test_policy_settings(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    akv.Policy(**kwargs)
+
+
+def test_layer_errors():
+  with pytest.raises(ValueError, match="layer=4 is out of range for num_layers=4"):
+    akv.Policy().bits_for(4, 4)
+  with pytest.raises(ValueError, match="layer_bits has 2 entries for num_layers=4"):
+    akv.Policy(layer_bits=(2, 4)).bits_for(0, 4)
+  with pytest.raises(ValueError, match=r"guard_layers=\(7,\) has entries out of range for num_layers=4"):
+    akv.Policy(guard_layers=(7,), guard_bits=4).bits_for(0, 4)
+
+
+def test_layout_errors():
+  with pytest.raises(ValueError, match="sequence length S=0 must be >= 1"):
+    SNAP.layout(0, 0, 1)
+  with pytest.raises(ValueError, match="reserve=-1 must be >= 0"):
+    SNAP.layout(96, 0, 1, reserve=-1)
+  with pytest.raises(ValueError, match="window=32 is longer than the sequence S=16"):
+    SNAP.layout(16, 0, 1)
+  with pytest.raises(ValueError, match=r"keep=0.1 gives 10 tokens at S=96, fewer than n_sink=4 plus recent=32"):
+    dataclasses.replace(SNAP, keep=0.1).layout(96, 0, 1)
+
+
+def test_dense_cache_errors(kv, q_obs):
+  pol = akv.presets.get("full")
+  with pytest.raises(ValueError, match="expected a DenseKV, got tuple"):
+    akv.compress((kv.k, kv.v), pol)
+  with pytest.raises(ValueError, match=r"k must be \[B, K, S, H\], got shape \(2, 96, 16\)"):
+    akv.compress(akv.DenseKV(k=kv.k[:, 0], v=kv.v[:, 0], lengths=kv.lengths), pol)
+  with pytest.raises(ValueError, match=r"v shape \(2, 2, 95, 16\) must equal k shape"):
+    akv.compress(dataclasses.replace(kv, v=kv.v[:, :, :95]), pol)
+  with pytest.raises(ValueError, match=r"lengths shape \(3,\) must be one of"):
+    akv.compress(dataclasses.replace(kv, lengths=jnp.zeros(3, jnp.int32)), pol)
+  with pytest.raises(ValueError, match=r"positions shape \(2, 2, 5\) must be"):
+    akv.compress(dataclasses.replace(kv, positions=jnp.zeros((2, 2, 5), jnp.int32)), pol)
+
+
+def test_query_errors(kv, q_obs):
+  with pytest.raises(ValueError, match="selection='snapkv' needs observation queries"):
+    akv.compress(kv, SNAP)
+  with pytest.raises(ValueError, match=r"queries must be \[B, N, T, H\], got shape \(2, 4, 16\)"):
+    akv.compress(kv, SNAP, queries=q_obs[:, :, 0])
+  with pytest.raises(ValueError, match="queries batch 1 does not match the cache batch 2"):
+    akv.compress(kv, SNAP, queries=q_obs[:1])
+  with pytest.raises(ValueError, match="queries heads N=3 must be a multiple of the kv heads K=2"):
+    akv.compress(kv, SNAP, queries=q_obs[:, :3])
+  with pytest.raises(ValueError, match="queries head dim 8 does not match the cache head dim 16"):
+    akv.compress(kv, SNAP, queries=q_obs[..., :8])
+  with pytest.raises(ValueError, match="queries hold 8 tokens, fewer than window=32"):
+    akv.compress(kv, SNAP, queries=q_obs[:, :, :8])
+  with pytest.raises(ValueError, match="got 1 query sets for 2 layers"):
+    akv.compress_layers([kv, kv], SNAP, queries=[q_obs])
+
+
+def test_attend_and_append_errors(kv, q_obs):
+  pol = akv.presets.get("full")
+  ckv = akv.compress(kv, pol)
+  q = q_obs[:, :, 0]
+  with pytest.raises(ValueError, match=r"q must be \[B, N, H\] or \[B, N, T, H\], got shape \(2, 4\)"):
+    akv.attend(q[..., 0], ckv)
+  with pytest.raises(ValueError, match="q heads N=5 must be a multiple of the kv heads K=2"):
+    akv.attend(jnp.zeros((B, 5, H)), ckv)
+  with pytest.raises(ValueError, match="implementation='pallas' is not available"):
+    akv.attend(q, ckv, implementation="pallas")
+  with pytest.raises(ValueError, match="expected a CompressedKV, got DenseKV"):
+    akv.attend(q, kv)
+  with pytest.raises(ValueError, match=r"k_t must be \[B, K, H\] = \(2, 2, 16\), got shape \(2, 16\)"):
+    akv.append(ckv, kv.k[:, 0, 0], kv.v[:, :, 0], pol)
+  with pytest.raises(ValueError, match=r"v_t must be \[B, K, H\]"):
+    akv.append(akv.compress(kv, pol), kv.k[:, :, 0], kv.v[:, :, 0, :8], pol)
+  with pytest.raises(ValueError, match="policy 'streaming' evicts but this cache was not built by an evicting"):
+    kivi = akv.Policy(key_bits=2, value_bits=2, key_group=16, value_group=16)
+    akv.append(akv.compress(kv, kivi), kv.k[:, :, 0], kv.v[:, :, 0], akv.presets.get("streaming"))
+  h2o = akv.Policy(name="h2o", selection="h2o", keep=0.5, recent=8)
+  hckv = akv.compress(kv, h2o, queries=q_obs)
+  with pytest.raises(ValueError, match=r"probs shape \(2, 2, 3\) does not match the cache's score slots"):
+    akv.observe(hckv, jnp.zeros((2, 2, 3)))
+
+
+def test_adakv_cap_too_small_for_budget():
+  with pytest.raises(ValueError, match="cap"):
+    akv.selection.adakv_head_budgets(jnp.zeros((1, 2, 64)), 64, cap=16)
+
+
+def test_checked_catches_values(kv, q_obs):
+  pol = akv.Policy(key_bits=2, value_bits=2, key_group=16, value_group=16)
+  compress = akv.checked(akv.compress)
+  ckv = compress(kv, pol)           # clean input passes
+  assert isinstance(ckv, akv.CompressedKV)
+  bad = dataclasses.replace(kv, k=kv.k.at[0, 0, 3, 0].set(jnp.nan))
+  with pytest.raises(Exception, match="compress input: k has 1 non-finite values in valid tokens"):
+    compress(bad, pol)
+  # NaN in padding is not an error: it never enters the cache.
+  pad_nan = dataclasses.replace(kv, v=kv.v.at[1, 0, 80, 0].set(jnp.inf))
+  compress(pad_nan, pol)
+  with pytest.raises(Exception, match=r"compress input: lengths must be in \[0, 96\], got min 50 max 97"):
+    compress(dataclasses.replace(kv, lengths=jnp.array([97, 50])), pol)
+  attend = akv.checked(akv.attend)
+  with pytest.raises(Exception, match=r"attend input: an array argument of shape \(2, 4, 16\) has 1 non-finite"):
+    attend(q_obs[:, :, 0].at[0, 0, 0].set(jnp.inf), ckv)
+  # Off by default: the unchecked function returns without raising.
+  out = akv.attend(q_obs[:, :, 0].at[0, 0, 0].set(jnp.inf), ckv)
+  assert out.shape == (B, N, H)
+  np.testing.assert_array_equal(np.isfinite(out[1]), True)
