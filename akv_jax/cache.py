@@ -180,7 +180,8 @@ class CompressedKV:
     return self.sink_fill[:, None] + self.key_fill + self.recent_fill
 
 
-LayeredKV = tuple  # tuple[CompressedKV, ...]: one entry per layer (budgets differ by layer).
+# A multi-layer cache: one CompressedKV per layer, a tuple because budgets (so shapes) differ by layer.
+LayeredKV = tuple[CompressedKV, ...]
 
 
 def nbytes(tree) -> int:

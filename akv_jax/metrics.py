@@ -67,14 +67,11 @@ def layer_stats(kv: DenseKV, ckv: CompressedKV, queries: jax.Array | None = None
   }
   if queries is not None:
     p = _full_attention(queries, kv)                                      # [B, K, T, S]
-    kept = jnp.zeros(kv.k.shape[:3], bool)
     bidx = jnp.arange(kv.k.shape[0])[:, None, None]
     hidx = jnp.arange(kv.k.shape[1])[None, :, None]
-    kept = kept.at[bidx, hidx, jnp.where(valid, src, s)].set(True, mode="drop")
-    z = ckv.sink_k.shape[2]
-    guard = jnp.arange(s)[None, None, :] < ckv.sink_fill[:, None, None]
-    guard = guard.at[bidx, hidx, jnp.where(ckv.recent_pos >= 0, ckv.recent_pos, s)].set(True, mode="drop")
-    kept = kept | (jnp.arange(s)[None, None, :] < jnp.minimum(ckv.sink_fill, z)[:, None, None])
+    sinks = jnp.broadcast_to(jnp.arange(s)[None, None, :] < ckv.sink_fill[:, None, None], kv.k.shape[:3])
+    kept = sinks.at[bidx, hidx, jnp.where(valid, src, s)].set(True, mode="drop")
+    guard = sinks.at[bidx, hidx, jnp.where(ckv.recent_pos >= 0, ckv.recent_pos, s)].set(True, mode="drop")
     total = jnp.sum(p)
     stats["attention_retained"] = jnp.sum(jnp.where(kept[:, :, None], p, 0.0)) / total
     stats["guard_mass"] = jnp.sum(jnp.where(guard[:, :, None], p, 0.0)) / total

@@ -308,3 +308,19 @@ def test_layer_stats_under_jit():
   fstats = akv.layer_stats(kv, full, q_test)
   np.testing.assert_allclose(fstats["attention_retained"], 1.0, rtol=1e-6)
   assert float(fstats["key_rel_error"]) == 0.0
+
+
+def test_per_layer_bits_and_bf16_guards():
+  kv, q_obs, _ = _inputs(dtype=jnp.bfloat16)
+  rule = _small("hybrid_8x", guard_layers=(0, -1), guard_bits=8)
+  explicit = _small("kivi2", layer_bits=(4, None, 2, 8))
+  for layer, (kbits, vbits) in enumerate([(8, 8), (2, 2), (2, 2), (8, 8)]):
+    ckv = akv.compress(kv, rule, queries=q_obs, layer=layer, num_layers=4)
+    assert (ckv.body_k.bits, ckv.body_v.bits) == (kbits, vbits)
+    assert ckv.sink_k.dtype == ckv.recent_k.dtype == jnp.bfloat16, "guard tokens stay bf16"
+  for layer, bits in enumerate((4, None, 2, 8)):
+    ckv = akv.compress(kv, explicit, layer=layer, num_layers=4)
+    if bits is None:
+      assert ckv.body_k.dtype == jnp.bfloat16
+    else:
+      assert ckv.body_k.bits == bits and ckv.body_k.codes.dtype == jnp.uint8
