@@ -246,6 +246,10 @@ def test_quality_benchmark_errors(artifact):
   short = {**artifact, "q_obs": artifact["q_obs"][:, :, :, -8:]}
   with pytest.raises(ValueError, match=r"policy 'snapkv' scores with window=32 .* holds W=8"):
     run_quality_benchmarks.run(short, ["full", "snapkv"], show_progress=False)
+  # hybrid_8x keeps 4 sinks + a 128-token recent window: S = 128 cannot hold them at its keep fraction.
+  small = synthetic.generate(dataclasses.replace(TINY, seq_len=128, min_length_frac=1.0, layers=1))
+  with pytest.raises(ValueError, match=r"policy 'hybrid_8x' does not fit the artifact \(S=128.*recent=128"):
+    run_quality_benchmarks.run(small, ["full", "hybrid_8x"], show_progress=False)
 
 
 def test_quality_benchmark_cli_error(npz_path):

@@ -1,0 +1,1 @@
+"""Experiment entry points of akv_jax: synthetic KV artifacts, quality benchmarks and config-driven runs."""
