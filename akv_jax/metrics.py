@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from akv_jax import body as _body
-from akv_jax.cache import CompressedKV, DenseKV, QuantizedTensor, nbytes
+from akv_jax.cache import CompressedKV, DenseKV, QuantizedTensor, dense_bf16_bytes, nbytes
 from akv_jax.pipeline import logical_view
 
 
@@ -37,16 +37,18 @@ def _full_attention(q: jax.Array, kv: DenseKV) -> jax.Array:
   return jnp.mean(jnp.where(valid, p, 0.0), axis=2)
 
 
+@jax.jit
 def layer_stats(kv: DenseKV, ckv: CompressedKV, queries: jax.Array | None = None) -> dict:
   """Statistics of one layer as a pytree of scalars.
 
   Args:
     kv: the dense cache ckv was compressed from (positions 0..S-1, lengths i32[B]).
     ckv: the compressed cache.
-    queries: optional [B, N, T, H] test queries (at the end of the prompt) for attention mass retained.
+    queries: optional [B, N, T, H] test queries of tokens after the prompt (each sees every prompt token), for
+      attention mass retained.
 
   Returns:
-    dict with bytes, dense_bf16_bytes, kept_tokens (mean per row and head), key_bits, value_bits,
+    dict with bytes, dense_bf16_bytes (int32: exact below 2 GiB per layer), kept_tokens (mean per row and head), key_bits, value_bits,
     key_rel_error / value_rel_error (kept tokens against their originals), and, with queries,
     attention_retained (share of the full cache's attention mass on kept tokens) and guard_mass (share on the
     bf16 sink and recent tokens).
@@ -57,8 +59,8 @@ def layer_stats(kv: DenseKV, ckv: CompressedKV, queries: jax.Array | None = None
   k_ref = jnp.take_along_axis(kv.k.astype(jnp.float32), src[..., None], axis=2)
   v_ref = jnp.take_along_axis(kv.v.astype(jnp.float32), src[..., None], axis=2)
   stats = {
-      "bytes": jnp.asarray(nbytes(ckv), jnp.float32),
-      "dense_bf16_bytes": jnp.asarray(2 * (kv.k.size + kv.v.size), jnp.float32),
+      "bytes": jnp.asarray(nbytes(ckv), jnp.int32),
+      "dense_bf16_bytes": jnp.asarray(dense_bf16_bytes(kv), jnp.int32),
       "kept_tokens": jnp.mean(ckv.kept_tokens().astype(jnp.float32)),
       "key_bits": jnp.asarray(_bits(ckv.body_k), jnp.float32),
       "value_bits": jnp.asarray(_bits(ckv.body_v), jnp.float32),

@@ -9,7 +9,6 @@ new prompt length of the same capacity S does not retrace.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -115,7 +114,7 @@ def _store(x: jax.Array, spec, valid: jax.Array):
   return quantize(x, spec, valid)
 
 
-def _compress(kv: DenseKV, policy: Policy, queries, layer: int, num_layers: int, reserve: int) -> CompressedKV:
+def _compress(kv: DenseKV, queries, policy: Policy, lay: Layout) -> CompressedKV:
   b, kh, s, h = validation.dense(kv, per_row_lengths=True)
   if policy.selection in QUERY_SELECTIONS:
     if queries is None:
@@ -123,7 +122,6 @@ def _compress(kv: DenseKV, policy: Policy, queries, layer: int, num_layers: int,
     validation.queries(queries, b, kh, h)
     if policy.selection == "snapkv" and queries.shape[2] < policy.window:
       raise ValueError(f"queries hold {queries.shape[2]} tokens, fewer than window={policy.window}")
-  lay = policy.layout(s, layer, num_layers, reserve=reserve)
   z, u = lay.n_sink, lay.flush
   lengths = jnp.asarray(kv.lengths, jnp.int32)
   ws = jnp.maximum(z, lengths - lay.recent)                       # [B] window start
@@ -183,23 +181,28 @@ def _compress(kv: DenseKV, policy: Policy, queries, layer: int, num_layers: int,
       dropped=jnp.zeros((b, kh), jnp.int32), page_table=page_table, scores=h2o, page_size=page_size)
 
 
-@functools.partial(jax.jit, static_argnames=("policy", "layer", "num_layers", "reserve"))
+# Compiled per (policy, layout), not per layer: layers whose budgets and bits agree share one program.
+_compress_jit = jax.jit(_compress, static_argnames=("policy", "lay"))
+
+
 def compress(kv: DenseKV, policy: Policy, *, queries: jax.Array | None = None, layer: int = 0,
              num_layers: int = 1, reserve: int = 0) -> CompressedKV:
-  """Compresses one layer's prefill cache.
+  """Compresses one layer's prefill cache (jitted; the policy and the layer's static layout key the compile).
 
   Args:
     kv: DenseKV with k, v [B, K, S, H] and per-row lengths i32[B] (right-padded).
     policy: static Policy.
     queries: [B, N, T, H] observation queries: the last T prompt queries of each row (row b's query t sits at
       position lengths[b] - T + t). SnapKV/AdaKV/PyramidKV read the last `window`, TOVA the last one, H2O all T.
-    layer, num_layers: static; pick the layer's budget (PyramidKV) and bits (guard layers).
-    reserve: static number of tokens decoding will append; sizes the body of non-evicting policies.
+    layer, num_layers: pick the layer's budget (PyramidKV) and bits (guard layers).
+    reserve: number of tokens decoding will append; sizes the body of non-evicting policies.
 
   Returns:
     CompressedKV holding only the kept tokens, at the layer's precision.
   """
-  return _compress(kv, policy, queries, layer, num_layers, reserve)
+  _, _, s, _ = validation.dense(kv, per_row_lengths=True)
+  lay = policy.layout(s, layer, num_layers, reserve=reserve)
+  return _compress_jit(kv, queries, policy=policy, lay=lay)
 
 
 def compress_layers(kvs, policy: Policy, *, queries=None, reserve: int = 0) -> tuple[CompressedKV, ...]:
