@@ -57,12 +57,6 @@ MEAN_KEYS = ("kept_tokens", "key_rel_error", "value_rel_error", "attention_retai
 
 
 @jax.jit
-def _layer_stats(kv: akv.DenseKV, ckv: akv.CompressedKV, q_test: jax.Array) -> dict:
-  # One compiled program per cache structure instead of op-by-op dispatch of layer_stats' ~100 ops.
-  return akv.layer_stats(kv, ckv, queries=q_test)
-
-
-@jax.jit
 def _output_errors(q_test: jax.Array, ckv: akv.CompressedKV, kv: akv.DenseKV) -> jax.Array:
   """f32[T] relative error of each test query's attention output; q_test: [B, N, T, H]."""
 
@@ -140,7 +134,7 @@ def evaluate_policy(artifact: dict[str, Any], policy: akv.Policy, *, progress: t
       ckv = akv.compress(kv, policy, queries=q_obs, layer=layer, num_layers=num_layers)
     except ValueError as e:
       raise ValueError(f"policy {policy.name!r}, layer {layer}: {e}") from e
-    stats = jax.device_get(_layer_stats(kv, ckv, q_test))
+    stats = jax.device_get(akv.layer_stats(kv, ckv, q_test))
     entry = {key: float(val) for key, val in stats.items()}
     entry["bytes"] = akv.nbytes(ckv)  # exact integer, not the f32 copy in stats
     entry["dense_bf16_bytes"] = akv.dense_bf16_bytes(kv)
@@ -237,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
   except ValueError as e:
     raise SystemExit(f"error: {e}") from e
   print(format_table(results))
+  results["command"] = "python experiments/run_quality_benchmarks.py " + " ".join(
+      argv if argv is not None else sys.argv[1:])
   if args.out:
     write_json(results, args.out)
     print(f"wrote {args.out}")
