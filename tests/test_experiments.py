@@ -213,7 +213,8 @@ def test_quality_benchmark_end_to_end(npz_path, tmp_path, capsys):
   for name in ("full", "snapkv", "kivi2"):
     assert f"\n{name} " in printed
   results = json.loads(out.read_text())
-  assert set(results) == {"artifact", "machine", "policies"}
+  assert set(results) == {"artifact", "machine", "policies", "command"}
+  assert results["command"].startswith("python experiments/run_quality_benchmarks.py ")
   assert results["artifact"]["meta"]["config"]["seed"] == TINY.seed
   assert {"processor", "machine", "device_kind", "jax"} <= set(results["machine"])
   assert list(results["policies"]) == ["full", "snapkv", "kivi2"]
@@ -281,7 +282,7 @@ def test_shipped_config_header_names_its_command():
   text = (REPO / "experiments" / "hybrid_8x.yaml").read_text()
   assert "python experiments/run_experiment.py --config experiments/hybrid_8x.yaml" in text
   cfg = run_experiment.load_config(str(REPO / "experiments" / "hybrid_8x.yaml"))
-  assert cfg.policy == "hybrid_8x" and cfg.baseline == "full" and cfg.artifact.seq_len == 4096
+  assert cfg.policy == "hybrid_8x" and cfg.baseline == "full" and cfg.artifact.seq_len == 8192
 
 
 def _write(tmp_path, raw) -> str:
