@@ -1,0 +1,330 @@
+"""A Llama-family decoder in Flax whose prefill and decode step run on compressed KV caches.
+
+Modules carry the parameters (names follow Hugging Face's, so checkpoints map one to one); what attention does
+with K/V is passed in as a function, so one module serves three uses:
+
+  forward      full causal attention over the tokens, no cache;
+  prefill      full causal attention, then each layer's K/V compressed by the policy as the pass goes by, with
+               the observation-window queries taken from the same pass;
+  decode_step  one token per row: its K/V appended to each layer's compressed cache, attention over the cache.
+
+Params are a pytree argument, never static; the config and the policy are static.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import akv_jax as akv
+from akv_jax.cache import CompressedKV, DenseKV
+from akv_jax.models.config import LlamaConfig, apply_rope
+from akv_jax.policy import Policy
+
+# attn_fn(layer, q [B, T, N, H], k [B, T, K, H], v [B, T, K, H]) -> (o [B, T, N, H], aux)
+AttnFn = Callable[[int, jax.Array, jax.Array, jax.Array], tuple[jax.Array, object]]
+_MASKED = -1e30
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    w = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (y * w).astype(self.dtype)
+
+
+def _dense(features: int, name: str, dtype) -> nn.Dense:
+  return nn.Dense(features, use_bias=False, name=name, dtype=dtype, param_dtype=dtype,
+                  kernel_init=nn.initializers.normal(0.02))
+
+
+class Block(nn.Module):
+  config: LlamaConfig
+
+  def setup(self):
+    c, dt = self.config, self.config.jnp_dtype
+    self.input_layernorm = RMSNorm(c.rms_norm_eps, dt)
+    self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, dt)
+    self.q_proj = _dense(c.num_heads * c.hd, "q_proj", dt)
+    self.k_proj = _dense(c.num_kv_heads * c.hd, "k_proj", dt)
+    self.v_proj = _dense(c.num_kv_heads * c.hd, "v_proj", dt)
+    self.o_proj = _dense(c.hidden_size, "o_proj", dt)
+    self.gate_proj = _dense(c.intermediate_size, "gate_proj", dt)
+    self.up_proj = _dense(c.intermediate_size, "up_proj", dt)
+    self.down_proj = _dense(c.hidden_size, "down_proj", dt)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, layer: int, attn_fn: AttnFn):
+    """x: [B, T, D], positions: i32[B, T]."""
+    c = self.config
+    b, t, _ = x.shape
+    h = self.input_layernorm(x)
+    q = apply_rope(self.q_proj(h).reshape(b, t, c.num_heads, c.hd), positions, c)
+    k = apply_rope(self.k_proj(h).reshape(b, t, c.num_kv_heads, c.hd), positions, c)
+    v = self.v_proj(h).reshape(b, t, c.num_kv_heads, c.hd)
+    o, aux = attn_fn(layer, q, k, v)
+    x = x + self.o_proj(o.reshape(b, t, -1).astype(x.dtype))
+    h = self.post_attention_layernorm(x)
+    x = x + self.down_proj(nn.silu(self.gate_proj(h)) * self.up_proj(h))
+    return x, aux
+
+
+class Llama(nn.Module):
+  config: LlamaConfig
+
+  def setup(self):
+    c = self.config
+    self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.jnp_dtype, param_dtype=c.jnp_dtype,
+                                 embedding_init=nn.initializers.normal(0.02))
+    self.layers = [Block(c, name=f"layers_{i}") for i in range(c.num_layers)]
+    self.norm = RMSNorm(c.rms_norm_eps, c.jnp_dtype)
+    if not c.tie_embeddings:
+      self.lm_head = _dense(c.vocab_size, "lm_head", c.jnp_dtype)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array, attn_fn: AttnFn):
+    """tokens, positions: i32[B, T] -> (hidden [B, T, D] after the final norm, per-layer aux)."""
+    x = self.embed_tokens(tokens)
+    aux = []
+    for i, layer in enumerate(self.layers):
+      x, a = layer(x, positions, i, attn_fn)
+      aux.append(a)
+    return self.norm(x), tuple(aux)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """hidden [..., D] -> f32 logits [..., V]."""
+    if self.config.tie_embeddings:
+      return self.embed_tokens.attend(hidden).astype(jnp.float32)
+    return self.lm_head(hidden).astype(jnp.float32)
+
+  def full_logits(self, tokens: jax.Array, positions: jax.Array, attn_fn: AttnFn) -> jax.Array:
+    """Logits of every position (also what `init` traces, so every parameter is created)."""
+    return self.logits(self(tokens, positions, attn_fn)[0])
+
+
+def init_params(config: LlamaConfig, key: jax.Array) -> dict:
+  """Random parameters (normal(0.02) matrices, unit norms) for a config."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  model = Llama(config)
+  return model.init(key, tokens, tokens, _causal_attn, method=Llama.full_logits)["params"]
+
+
+# ---------------------------------------------------------------------------------------------- attention fns
+
+
+def _causal_attn(layer: int, q, k, v, lengths: jax.Array | None = None):
+  """Dense causal attention of q [B, T, N, H] over k, v [B, T, K, H]; padding keys (>= lengths) masked."""
+  del layer
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h) / math.sqrt(h)
+  s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32))
+  mask = jnp.tril(jnp.ones((t, t), bool))[None, None, None]
+  if lengths is not None:
+    mask = mask & (jnp.arange(t) < lengths[:, None])[:, None, None, None, :]
+  p = jax.nn.softmax(jnp.where(mask, s, _MASKED), axis=-1)
+  o = jnp.einsum("BKGTS,BSKH->BTKGH", p, v.astype(jnp.float32))
+  return o.reshape(b, t, n, h).astype(q.dtype), None
+
+
+def _last_queries(q: jax.Array, lengths: jax.Array, t: int) -> jax.Array:
+  """Each row's last t queries, q [B, S, N, H] -> [B, N, t, H]; slots before the row's start are zero."""
+  idx = lengths[:, None] - t + jnp.arange(t)[None, :]                      # [B, t]
+  out = jnp.take_along_axis(q, jnp.clip(idx, 0, q.shape[1] - 1)[:, :, None, None], axis=1)
+  out = jnp.where((idx >= 0)[:, :, None, None], out, 0)
+  return out.transpose(0, 2, 1, 3)
+
+
+def _observation_length(policy: Policy, s: int) -> int | None:
+  match policy.selection:
+    case "snapkv":
+      return policy.window
+    case "tova":
+      return 1
+    case "h2o":
+      return s
+  return None
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _check_tokens(config: LlamaConfig, tokens, lengths=None) -> None:
+  """Value checks that are possible when the inputs are concrete (outside jit): ids in range, lengths."""
+  if isinstance(tokens, jax.core.Tracer):
+    return
+  arr = np.asarray(tokens)
+  bad = arr[(arr < 0) | (arr >= config.vocab_size)]
+  if bad.size:
+    raise ValueError(f"token id {int(bad[0])} is out of the vocabulary [0, {config.vocab_size})")
+  if lengths is not None and not isinstance(lengths, jax.core.Tracer):
+    lens = np.asarray(lengths)
+    if lens.shape != arr.shape[:1]:
+      raise ValueError(f"lengths shape {lens.shape} must be ({arr.shape[0]},) for tokens of shape {arr.shape}")
+    if np.any(lens < 1) or np.any(lens > arr.shape[1]):
+      raise ValueError(f"lengths {lens.tolist()} must be in [1, {arr.shape[1]}] (the prompt capacity)")
+
+
+def _check_capacity(config: LlamaConfig, s: int, extra: int = 0) -> None:
+  if s + extra > config.max_seq_len:
+    raise ValueError(f"prompt capacity {s} plus {extra} new tokens exceeds max_seq_len={config.max_seq_len}")
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _forward(config: LlamaConfig, params, tokens):
+  model = Llama(config)
+  b, t = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  return model.apply({"params": params}, tokens, positions, _causal_attn, method=Llama.full_logits)
+
+
+def forward(config: LlamaConfig, params, tokens: jax.Array) -> jax.Array:
+  """Logits f32[B, T, V] of tokens i32[B, T] with full causal attention (no cache)."""
+  _check_tokens(config, tokens)
+  _check_capacity(config, tokens.shape[1])
+  return _forward(config, params, tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy", "reserve"))
+def _prefill(config: LlamaConfig, params, tokens, lengths, policy: Policy, reserve: int):
+  model = Llama(config)
+  b, s = tokens.shape
+  lengths = jnp.asarray(lengths, jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  n_obs = _observation_length(policy, s)
+
+  def attn(layer, q, k, v):
+    o, _ = _causal_attn(layer, q, k, v, lengths)
+    kv = DenseKV(k=k.transpose(0, 2, 1, 3), v=v.transpose(0, 2, 1, 3), lengths=lengths)
+    q_obs = None if n_obs is None else _last_queries(q, lengths, min(n_obs, s))
+    ckv = akv.compress(kv, policy, queries=q_obs, layer=layer, num_layers=config.num_layers, reserve=reserve)
+    return o, ckv
+
+  hidden, cache = model.apply({"params": params}, tokens, positions, attn)
+  last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+  return model.apply({"params": params}, last, method=Llama.logits), cache
+
+
+def prefill(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array, policy: Policy, *,
+            reserve: int = 0) -> tuple[jax.Array, tuple[CompressedKV, ...]]:
+  """Runs the prompt and compresses every layer's cache as the pass goes by.
+
+  Args:
+    tokens: i32[B, S] right-padded prompts; S is the prompt capacity (static).
+    lengths: i32[B] prompt lengths.
+    policy: static compression policy.
+    reserve: tokens decoding will append (static).
+
+  Returns:
+    (logits f32[B, V] of each row's last prompt token, cache: one CompressedKV per layer).
+  """
+  _check_tokens(config, tokens, lengths)
+  _check_capacity(config, tokens.shape[1], reserve)
+  return _prefill(config, params, tokens, lengths, policy, reserve)
+
+
+def _decode(config: LlamaConfig, params, cache, tokens, policy: Policy):
+  model = Llama(config)
+  positions = cache[0].next_pos[:, None]
+
+  def attn(layer, q, k, v):
+    c = akv.append(cache[layer], k[:, 0], v[:, 0], policy)
+    if c.scores is not None:
+      out, probs = akv.attend(q[:, 0], c, return_probs=True)
+      c = akv.observe(c, probs)
+    else:
+      out = akv.attend(q[:, 0], c)
+    return out[:, None], c
+
+  hidden, new_cache = model.apply({"params": params}, tokens[:, None], positions, attn)
+  return model.apply({"params": params}, hidden[:, 0], method=Llama.logits), new_cache
+
+
+_decode_jit = jax.jit(_decode, static_argnames=("config", "policy"), donate_argnames=("cache",))
+
+
+def decode_step(config: LlamaConfig, params, cache: tuple[CompressedKV, ...], tokens: jax.Array,
+                policy: Policy) -> tuple[jax.Array, tuple[CompressedKV, ...]]:
+  """One decoding step: tokens i32[B] -> (logits f32[B, V], updated cache). The cache argument is donated."""
+  _check_tokens(config, tokens)
+  if len(cache) != config.num_layers:
+    raise ValueError(f"cache has {len(cache)} layers, the model {config.num_layers}")
+  return _decode_jit(config, params, cache, tokens, policy)
+
+
+def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy", "max_new_tokens", "temperature", "top_k",
+                                             "stop_tokens"))
+def _generate(config, params, tokens, lengths, policy, max_new_tokens, temperature, top_k, stop_tokens, key):
+  logits, cache = _prefill(config, params, tokens, lengths, policy, max_new_tokens)
+  b = tokens.shape[0]
+  stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
+  out = jnp.zeros((b, max_new_tokens), jnp.int32)
+  done = jnp.zeros((b,), bool)
+  count = jnp.zeros((b,), jnp.int32)
+
+  def body(i, carry):
+    logits, cache, out, done, count, key = carry
+    key, sub = jax.random.split(key)
+    tok = _sample(logits, sub, temperature, top_k)
+    tok = jnp.where(done, 0, tok)
+    out = out.at[:, i].set(tok)
+    count = count + (~done).astype(jnp.int32)
+    done = done | jnp.any(tok[:, None] == stops[None, :], axis=-1)
+    logits, cache = _decode(config, params, cache, tok, policy)
+    return logits, cache, out, done, count, key
+
+  # The last iteration's decode step is wasted work, kept so the loop body is uniform (one compiled step).
+  _, cache, out, _, count, _ = jax.lax.fori_loop(0, max_new_tokens, body, (logits, cache, out, done, count, key))
+  return out, count, cache
+
+
+def generate(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array, policy: Policy,
+             max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0, stop_tokens: tuple[int, ...] = (),
+             key: jax.Array | None = None):
+  """Greedy (temperature 0) or temperature / top-k sampling in a lax loop over a compressed cache.
+
+  Args:
+    tokens: i32[B, S] right-padded prompts; lengths: i32[B].
+    policy: static compression policy; the cache reserves max_new_tokens of room.
+    max_new_tokens: tokens to generate per row (static).
+    stop_tokens: ids that end a row (the stop token is included in its output); later slots hold 0.
+
+  Returns:
+    (new tokens i32[B, max_new_tokens], generated counts i32[B], final cache).
+  """
+  _check_tokens(config, tokens, lengths)
+  _check_capacity(config, tokens.shape[1], max_new_tokens)
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  if temperature < 0:
+    raise ValueError(f"temperature={temperature} must be >= 0")
+  if top_k < 0 or top_k > config.vocab_size:
+    raise ValueError(f"top_k={top_k} must be in [0, {config.vocab_size}]")
+  for t in stop_tokens:
+    if not 0 <= t < config.vocab_size:
+      raise ValueError(f"stop token {t} is out of the vocabulary [0, {config.vocab_size})")
+  key = jax.random.key(0) if key is None else key
+  return _generate(config, params, tokens, lengths, policy, max_new_tokens, float(temperature), int(top_k),
+                   tuple(stop_tokens), key)
