@@ -10,3 +10,11 @@ from akv_jax.models.llama import forward as forward
 from akv_jax.models.llama import generate as generate
 from akv_jax.models.llama import init_params as init_params
 from akv_jax.models.llama import prefill as prefill
+from akv_jax.models.sharding import shard_batch as shard_batch
+from akv_jax.models.sharding import shard_cache as shard_cache
+from akv_jax.models.sharding import shard_params as shard_params
+from akv_jax.models.checkpoint import config_from_hf as config_from_hf
+from akv_jax.models.checkpoint import config_to_hf as config_to_hf
+from akv_jax.models.checkpoint import load_checkpoint as load_checkpoint
+from akv_jax.models.checkpoint import load_tokenizer as load_tokenizer
+from akv_jax.models.checkpoint import save_checkpoint as save_checkpoint

@@ -1,0 +1,187 @@
+"""The Flax decoder: cached decoding equals the full forward, greedy equivalence, ragged rows, one compile."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import akv_jax as akv
+from akv_jax import models
+from akv_jax.models import llama
+
+CFG = models.LlamaConfig(vocab_size=89, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                         num_kv_heads=2, max_seq_len=512,
+                         rope_scaling=models.RopeScaling(factor=8.0, original_max_position_embeddings=64))
+S, NEW = 160, 12
+
+
+@pytest.fixture(scope="module")
+def params():
+  return models.init_params(CFG, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def tokens():
+  return jax.random.randint(jax.random.key(1), (2, S + NEW), 1, CFG.vocab_size)
+
+
+def _small(name):
+  pol = akv.presets.get(name)
+  return dataclasses.replace(pol, recent=min(pol.recent, 32), key_group=16, value_group=16)
+
+
+def test_cached_decoding_equals_full_forward(params, tokens):
+  lengths = jnp.array([S, 101])
+  pol = akv.presets.get("full")
+  logits, cache = models.prefill(CFG, params, tokens[:, :S], lengths, pol, reserve=NEW)
+  full = models.forward(CFG, params, tokens)
+  np.testing.assert_allclose(logits, full[jnp.arange(2), lengths - 1], rtol=1e-5, atol=1e-5)
+  for t in range(NEW):
+    logits, cache = models.decode_step(CFG, params, cache, tokens[jnp.arange(2), lengths + t], pol)
+    for row in range(2):
+      n = int(lengths[row]) + t + 1
+      ref = models.forward(CFG, params, tokens[row:row + 1, :n])[0, -1]
+      np.testing.assert_allclose(logits[row], ref, rtol=1e-5, atol=1e-5)
+
+
+def _greedy_reference(params, prompt, steps):
+  seq = list(np.asarray(prompt))
+  for _ in range(steps):
+    logits = models.forward(CFG, params, jnp.asarray([seq]))[0, -1]
+    seq.append(int(jnp.argmax(logits)))
+  return seq[len(prompt):]
+
+
+def test_full_policy_generate_equals_uncompressed_greedy(params, tokens):
+  lengths = jnp.array([S, 77])
+  out, count, _ = models.generate(CFG, params, tokens[:, :S], lengths, akv.presets.get("full"), NEW)
+  np.testing.assert_array_equal(count, NEW)
+  for row in range(2):
+    ref = _greedy_reference(params, tokens[row, :int(lengths[row])], NEW)
+    np.testing.assert_array_equal(out[row], ref)
+
+
+@pytest.mark.parametrize("name", ["hybrid_8x", "h2o", "streaming", "hybrid_12x"])
+def test_ragged_batch_equals_rows_alone(params, tokens, name):
+  pol = _small(name)
+  lengths = jnp.array([S, 120])
+  out, count, cache = models.generate(CFG, params, tokens[:, :S], lengths, pol, NEW)
+  assert int(sum(int(c.dropped.sum()) for c in cache)) == 0
+  for row in range(2):
+    one, _, _ = models.generate(CFG, params, tokens[row:row + 1, :S], lengths[row:row + 1], pol, NEW)
+    np.testing.assert_array_equal(one[0], out[row])
+
+
+def test_stop_tokens_and_sampling(params, tokens):
+  lengths = jnp.array([S, 90])
+  greedy, _, _ = models.generate(CFG, params, tokens[:, :S], lengths, akv.presets.get("full"), NEW)
+  stop = int(greedy[0, 3])
+  out, count, _ = models.generate(CFG, params, tokens[:, :S], lengths, akv.presets.get("full"), NEW,
+                                  stop_tokens=(stop,))
+  first = int(np.argmax(np.asarray(greedy[0]) == stop))
+  assert int(count[0]) == first + 1 and np.all(np.asarray(out[0, first + 1:]) == 0)
+  a, _, _ = models.generate(CFG, params, tokens[:, :S], lengths, akv.presets.get("full"), NEW, temperature=1.0,
+                            top_k=5, key=jax.random.key(3))
+  b, _, _ = models.generate(CFG, params, tokens[:, :S], lengths, akv.presets.get("full"), NEW, temperature=1.0,
+                            top_k=5, key=jax.random.key(3))
+  np.testing.assert_array_equal(a, b)
+  assert int(jnp.max(a)) < CFG.vocab_size
+
+
+def test_decode_step_compiles_once(params, tokens):
+  pol = _small("hybrid_8x")
+  step = jax.jit(chex.assert_max_traces(llama._decode, n=1), static_argnums=(0, 4), donate_argnums=(2,))
+  for lengths in ((S, 100), (64, 159)):
+    _, cache = models.prefill(CFG, params, tokens[:, :S], jnp.array(lengths), pol, reserve=NEW)
+    for t in range(3):
+      _, cache = step(CFG, params, cache, tokens[:, t], pol)
+
+
+def test_bad_input(params, tokens):
+  pol = akv.presets.get("full")
+  with pytest.raises(ValueError, match="token id 89 is out of the vocabulary"):
+    models.forward(CFG, params, tokens.at[0, 3].set(89))
+  with pytest.raises(ValueError, match="token id -1 is out of the vocabulary"):
+    models.prefill(CFG, params, tokens.at[1, 0].set(-1)[:, :S], jnp.array([S, S]), pol)
+  with pytest.raises(ValueError, match=r"prompt capacity 160 plus 400 new tokens exceeds max_seq_len=512"):
+    models.generate(CFG, params, tokens[:, :S], jnp.array([S, S]), pol, 400)
+  with pytest.raises(ValueError, match=r"prompt capacity 600 plus 0 new tokens exceeds max_seq_len=512"):
+    models.forward(CFG, params, jnp.zeros((1, 600), jnp.int32))
+  with pytest.raises(ValueError, match=r"lengths \[161, 3\] must be in \[1, 160\]"):
+    models.prefill(CFG, params, tokens[:, :S], jnp.array([161, 3]), pol)
+  with pytest.raises(ValueError, match="max_new_tokens=0 must be >= 1"):
+    models.generate(CFG, params, tokens[:, :S], jnp.array([S, S]), pol, 0)
+  with pytest.raises(ValueError, match="stop token 500 is out of the vocabulary"):
+    models.generate(CFG, params, tokens[:, :S], jnp.array([S, S]), pol, 2, stop_tokens=(500,))
+  _, cache = models.prefill(CFG, params, tokens[:, :S], jnp.array([S, S]), pol, reserve=2)
+  with pytest.raises(ValueError, match="cache has 1 layers, the model 2"):
+    models.decode_step(CFG, params, cache[:1], tokens[:, 0], pol)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_heads=4, num_kv_heads=3), "num_heads=4 must be a multiple of num_kv_heads=3"),
+    (dict(hidden_size=30, num_heads=4), "hidden_size=30 is not divisible by num_heads=4"),
+    (dict(num_layers=0), "num_layers=0 must be >= 1"),
+    (dict(dtype="float16"), "dtype='float16' must be 'float32' or 'bfloat16'"),
+    (dict(head_dim=7), "head_dim=7 must be even"),
+])
+def test_config_errors(kwargs, match):
+  base = dict(vocab_size=10, hidden_size=32, intermediate_size=8, num_layers=1, num_heads=4, num_kv_heads=2)
+  with pytest.raises(ValueError, match=match):
+    models.LlamaConfig(**{**base, **kwargs})
+
+
+def test_llama3_rope_scaling_bands():
+  cfg = dataclasses.replace(CFG, rope_scaling=models.RopeScaling(factor=8.0, original_max_position_embeddings=64))
+  plain = models.inverse_frequencies(dataclasses.replace(CFG, rope_scaling=None))
+  scaled = models.inverse_frequencies(cfg)
+  wavelen = 2 * np.pi / plain
+  np.testing.assert_allclose(scaled[wavelen < 16], plain[wavelen < 16])          # short wavelengths kept
+  np.testing.assert_allclose(scaled[wavelen > 64], plain[wavelen > 64] / 8.0)    # long ones stretched
+  with pytest.raises(ValueError, match="high_freq_factor > low_freq_factor"):
+    models.RopeScaling(low_freq_factor=4.0, high_freq_factor=1.0)
+
+
+SHARDED = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import dataclasses, jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh
+    import akv_jax as akv
+    from akv_jax import models
+    cfg = models.LlamaConfig(vocab_size=89, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=8, head_dim=16,
+                             num_kv_heads=4, max_seq_len=512)
+    params = models.init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (4, 140), 1, 89)
+    lengths = jnp.array([128, 100, 77, 128])
+    pol = dataclasses.replace(akv.presets.get("{name}"), recent=16, window=16, key_group=16, value_group=16)
+    ref_logits, ref_cache = models.prefill(cfg, params, tokens[:, :128], lengths, pol, reserve=8)
+    ref_step, _ = models.decode_step(cfg, params, ref_cache, tokens[:, 130], pol)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    sp = models.shard_params(params, mesh)
+    logits, cache = models.prefill(cfg, sp, models.shard_batch(tokens[:, :128], mesh),
+                                   models.shard_batch(lengths, mesh), pol, reserve=8)
+    cache = models.shard_cache(cache, mesh)
+    step, cache = models.decode_step(cfg, sp, cache, models.shard_batch(tokens[:, 130], mesh), pol)
+    assert len(jax.devices()) == 8
+    assert cache[0].sink_k.sharding.spec[:2] == ("data", "model"), cache[0].sink_k.sharding
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(step, ref_step, rtol=1e-5, atol=1e-5)
+    print("sharded ok")
+""")
+
+
+@pytest.mark.parametrize("name", ["hybrid_8x", "adakv"])
+def test_sharded_equals_unsharded_on_8_cpu_devices(name):
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+  proc = subprocess.run([sys.executable, "-c", SHARDED.replace("{name}", name)], capture_output=True, text=True,
+                        env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "sharded ok" in proc.stdout
