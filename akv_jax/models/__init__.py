@@ -18,3 +18,5 @@ from akv_jax.models.checkpoint import config_to_hf as config_to_hf
 from akv_jax.models.checkpoint import load_checkpoint as load_checkpoint
 from akv_jax.models.checkpoint import load_tokenizer as load_tokenizer
 from akv_jax.models.checkpoint import save_checkpoint as save_checkpoint
+from akv_jax.models.default import load_default as load_default
+from akv_jax.models.llama import capture_qkv as capture_qkv

@@ -328,3 +328,27 @@ def generate(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array,
   key = jax.random.key(0) if key is None else key
   return _generate(config, params, tokens, lengths, policy, max_new_tokens, float(temperature), int(top_k),
                    tuple(stop_tokens), key)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _capture(config: LlamaConfig, params, tokens, lengths):
+  model = Llama(config)
+  b, t = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+  def attn(layer, q, k, v):
+    o, _ = _causal_attn(layer, q, k, v, lengths)
+    return o, (q, k, v)
+
+  _, qkv = model.apply({"params": params}, tokens, positions, attn)
+  return qkv
+
+
+def capture_qkv(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array | None = None):
+  """Per-layer post-RoPE (q [B, T, N, H], k [B, T, K, H], v [B, T, K, H]) of a full causal pass, for analysis
+  and for building KV artifacts; keys at or beyond `lengths` i32[B] are masked as padding."""
+  _check_tokens(config, tokens, lengths)
+  _check_capacity(config, tokens.shape[1])
+  b, t = tokens.shape
+  lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+  return _capture(config, params, tokens, lengths)

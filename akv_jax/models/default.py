@@ -1,0 +1,39 @@
+"""The shipped tiny model: a small decoder trained on akv_jax.tasks by experiments/train_tiny.py.
+
+Stored next to this file as config.json (LlamaConfig fields) and an orbax checkpoint of the params; the training
+log and final scores sit beside them (train_log.jsonl, scores.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+
+from akv_jax.models.config import LlamaConfig, RopeScaling
+from akv_jax.models.llama import init_params
+
+DEFAULT_DIR = pathlib.Path(__file__).resolve().parent / "default"
+
+
+def config_from_json(d: dict) -> LlamaConfig:
+  d = dict(d)
+  if d.get("rope_scaling") is not None:
+    d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+  return LlamaConfig(**d)
+
+
+def load_default(path: str | os.PathLike | None = None) -> tuple[LlamaConfig, dict]:
+  """(config, params) of the shipped model, or of a directory written by experiments/train_tiny.py."""
+  root = pathlib.Path(path) if path is not None else DEFAULT_DIR
+  if not (root / "config.json").is_file() or not (root / "params").is_dir():
+    raise ValueError(f"no trained model at {root}: expected config.json and params/ "
+                     "(python experiments/train_tiny.py --config experiments/train_tiny.yaml writes them)")
+  config = config_from_json(json.loads((root / "config.json").read_text()))
+  abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+  with ocp.StandardCheckpointer() as ckpt:
+    params = ckpt.restore((root / "params").resolve(), abstract)
+  return config, params
