@@ -52,19 +52,21 @@ class TrainConfig:
   context: int = 2048
   # Data.
   task_names: tuple[str, ...] = tuple(tasks.TASK_NAMES)
-  lengths: tuple[int, ...] = (256, 512, 1024, 2048)
-  curriculum_steps: int = 1000    # steps over which the length mix moves from all-shortest to final_mix
-  final_mix: tuple[float, ...] = (0.35, 0.35, 0.2, 0.1)   # share of each length after the curriculum
-  batch: int = 8
+  lengths: tuple[int, ...] = (128, 256, 512, 1024, 2048)
+  curriculum_steps: int = 1200    # steps over which the length mix moves from all-shortest to final_mix
+  final_mix: tuple[float, ...] = (0.25, 0.25, 0.2, 0.15, 0.15)   # share of each length after the curriculum
+  batch: int = 8                   # eval batch, and the train batch at lengths where tokens_per_step allows less
+  tokens_per_step: int = 8192      # train batch at length T is clip(tokens_per_step // T, batch // 2, max_batch)
+  max_batch: int = 32
   # Optimization.
-  steps: int = 2400
+  steps: int = 2600
   lr: float = 2e-3
   warmup: int = 200
   weight_decay: float = 0.01
   clip: float = 1.0
-  time_budget_min: float = 50.0
+  time_budget_min: float = 48.0
   log_every: int = 25
-  eval_every: int = 500
+  eval_every: int = 800
   eval_samples: int = 16           # per task and eval length
   eval_lengths: tuple[int, ...] = (2048,)
 
@@ -77,7 +79,7 @@ class TrainConfig:
 
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, context=128,
-            lengths=(64, 128), final_mix=(0.5, 0.5), curriculum_steps=2, batch=4, steps=3, log_every=1, eval_every=3,
+            lengths=(64, 128), final_mix=(0.5, 0.5), curriculum_steps=2, batch=4, max_batch=4, steps=3, log_every=1, eval_every=3,
             eval_samples=1, eval_lengths=(128,), warmup=1)
 
 
@@ -92,6 +94,11 @@ def length_mix(cfg: TrainConfig, step: int) -> np.ndarray:
   start[0] = 1.0
   p = (1 - frac) * start + frac * np.asarray(cfg.final_mix, np.float64)
   return p / p.sum()
+
+
+def train_batch(cfg: TrainConfig, length: int) -> int:
+  """Short prompts carry as much answer signal as long ones at a fraction of the cost: batch more of them."""
+  return int(np.clip(cfg.tokens_per_step // length, max(1, cfg.batch // 2), cfg.max_batch))
 
 
 def loss_fn(params, config, tokens, mask):
@@ -180,8 +187,9 @@ def main(argv=None) -> dict:
   bar = tqdm(range(cfg.steps), desc="train", mininterval=10)
   for step in bar:
     length = int(rng.choice(cfg.lengths, p=length_mix(cfg, step)))
-    names = list(rng.choice(cfg.task_names, size=cfg.batch))
-    batch = tasks.make_batch(names, rng, length, vocab, cfg.batch)
+    bsz = train_batch(cfg, length)
+    names = list(rng.choice(cfg.task_names, size=bsz))
+    batch = tasks.make_batch(names, rng, length, vocab, bsz)
     # One padded width per length bucket keeps the number of compiled train steps at len(lengths).
     toks, mask = tasks.training_batch(batch.samples, length=length + max_answer)
     params, opt_state, loss = step_fn(params, opt_state, jnp.asarray(toks), jnp.asarray(mask))
