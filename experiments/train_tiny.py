@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import akv_jax as akv
 from akv_jax import models, tasks
+from experiments.run_experiment import apply_set
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -149,10 +150,10 @@ def main(argv=None) -> dict:
   if args.tiny:
     raw.update(TINY)
   for item in args.set:
-    if "=" not in item:
-      raise SystemExit(f"error: --set {item!r} must look like field=value")
-    k, v = item.split("=", 1)
-    raw[k] = yaml.safe_load(v)
+    try:
+      apply_set(raw, item)
+    except ValueError as e:
+      raise SystemExit(f"error: {e}") from e
   if args.out:
     raw["out"] = args.out
   fields = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -55,6 +55,8 @@ def test_errors(tmp_path):
     models.load_default(tmp_path)
   with pytest.raises(SystemExit, match=r"unknown config field\(s\) \['lrr'\]"):
     train_tiny.main(["--tiny", "--set", "lrr=1", "--out", str(tmp_path)])
+  with pytest.raises(SystemExit, match="must look like key=value"):
+    train_tiny.main(["--tiny", "--set", "lr", "--out", str(tmp_path)])
   with pytest.raises(SystemExit, match="final_mix"):
     train_tiny.main(["--tiny", "--set", "final_mix=[1.0]", "--out", str(tmp_path)])
   with pytest.raises(ValueError, match="unknown task 'nope'"):
