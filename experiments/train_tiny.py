@@ -65,6 +65,8 @@ class TrainConfig:
   warmup: int = 200
   weight_decay: float = 0.01
   clip: float = 1.0
+  recall_share: float = 0.5       # share of steps on dense recall streams (see recall_stream)
+  recall_pairs: int = 16
   time_budget_min: float = 48.0
   log_every: int = 25
   eval_every: int = 800
@@ -81,7 +83,7 @@ class TrainConfig:
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, context=128,
             lengths=(64, 128), final_mix=(0.5, 0.5), curriculum_steps=2, batch=4, max_batch=4, steps=3, log_every=1, eval_every=3,
-            eval_samples=1, eval_lengths=(128,), warmup=1)
+            eval_samples=1, eval_lengths=(128,), warmup=1, recall_pairs=4)
 
 
 def length_mix(cfg: TrainConfig, step: int) -> np.ndarray:
@@ -95,6 +97,38 @@ def length_mix(cfg: TrainConfig, step: int) -> np.ndarray:
   start[0] = 1.0
   p = (1 - frac) * start + frac * np.asarray(cfg.final_mix, np.float64)
   return p / p.sum()
+
+
+def recall_stream(rng: np.random.Generator, length: int, vocab, n_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+  """A dense associative-recall sequence in the tasks' own format, for teaching retrieval quickly.
+
+  Records "KEY k VALUE v.." and later queries "QUERY k ANSWER v.. EOS" for keys already seen, among filler
+  words. Every query's answer is supervised, so one sequence carries many retrieval examples where a task
+  prompt carries one; the model learns the lookup circuit (an induction-style head) from these, then the
+  tasks' single queries reuse it.
+
+  Returns tokens i32[length] and the loss mask bool[length] (True on answer tokens, as training_sequence).
+  """
+  keys = rng.choice(np.asarray(vocab.key_ids), n_pairs, replace=False)
+  vals = [rng.choice(np.asarray(vocab.value_ids), int(rng.integers(1, 4)), replace=False) for _ in range(n_pairs)]
+  words = np.asarray(vocab.word_ids)
+  toks, mask, seen = [tasks.vocab.BOS], [False], 0
+  while len(toks) < length:
+    r = rng.random()
+    if r < 0.12 and seen < n_pairs:
+      rec = [tasks.vocab.KEY, int(keys[seen]), tasks.vocab.VALUE, *map(int, vals[seen])]
+      toks += rec
+      mask += [False] * len(rec)
+      seen += 1
+    elif r < 0.3 and seen:
+      i = int(rng.integers(seen))
+      ans = [*map(int, vals[i]), tasks.vocab.EOS]
+      toks += [tasks.vocab.QUERY, int(keys[i]), tasks.vocab.ANSWER, *ans]
+      mask += [False] * 3 + [True] * len(ans)
+    else:
+      toks.append(int(rng.choice(words)))
+      mask.append(False)
+  return np.asarray(toks[:length], np.int32), np.asarray(mask[:length], bool)
 
 
 def train_batch(cfg: TrainConfig, length: int) -> int:
@@ -189,10 +223,14 @@ def main(argv=None) -> dict:
   for step in bar:
     length = int(rng.choice(cfg.lengths, p=length_mix(cfg, step)))
     bsz = train_batch(cfg, length)
-    names = list(rng.choice(cfg.task_names, size=bsz))
-    batch = tasks.make_batch(names, rng, length, vocab, bsz)
-    # One padded width per length bucket keeps the number of compiled train steps at len(lengths).
-    toks, mask = tasks.training_batch(batch.samples, length=length + max_answer)
+    if rng.random() < cfg.recall_share:
+      rows = [recall_stream(rng, length + max_answer, vocab, cfg.recall_pairs) for _ in range(bsz)]
+      toks, mask = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+    else:
+      names = list(rng.choice(cfg.task_names, size=bsz))
+      batch = tasks.make_batch(names, rng, length, vocab, bsz)
+      # One padded width per length bucket keeps the number of compiled train steps at len(lengths).
+      toks, mask = tasks.training_batch(batch.samples, length=length + max_answer)
     params, opt_state, loss = step_fn(params, opt_state, jnp.asarray(toks), jnp.asarray(mask))
     if step % cfg.log_every == 0:
       rec = {"step": step, "loss": float(loss), "length": length, "seconds": round(time.time() - start, 1)}
