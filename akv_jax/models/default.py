@@ -1,7 +1,8 @@
-"""The shipped tiny model: a small decoder trained on akv_jax.tasks by experiments/train_tiny.py.
+"""Loading the tiny model experiments/train_tiny.py trains on akv_jax.tasks.
 
-Stored next to this file as config.json (LlamaConfig fields) and an orbax checkpoint of the params; the training
-log and final scores sit beside them (train_log.jsonl, scores.json).
+A trained model is a directory with config.json (LlamaConfig fields) and an orbax checkpoint of the params (the
+training log and final scores sit beside them). The shipped one goes in akv_jax/models/default/ once a training
+run meets the bar; until then load_default() without a path raises, naming the command that trains one.
 """
 
 from __future__ import annotations
