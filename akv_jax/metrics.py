@@ -29,7 +29,7 @@ def _rel_err(approx: jax.Array, exact: jax.Array, mask: jax.Array) -> jax.Array:
 def _full_attention(q: jax.Array, kv: DenseKV) -> jax.Array:
   """f32[B, K, T, S] attention (averaged over the G heads of each kv head) of queries q [B, N, T, H]."""
   b, n, t, h = q.shape
-  kh, s = kv.k.shape[1], kv.k.shape[2]
+  kh = kv.k.shape[1]
   qg = q.astype(jnp.float32).reshape(b, kh, n // kh, t, h) / math.sqrt(h)
   sc = jnp.einsum("BKGTH,BKSH->BKGTS", qg, kv.k.astype(jnp.float32))
   valid = kv.valid()[:, :, None, None, :]

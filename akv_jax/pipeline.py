@@ -9,7 +9,6 @@ new prompt length of the same capacity S does not retrace.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 
@@ -17,7 +16,7 @@ from akv_jax import body as _body
 from akv_jax import selection, validation
 from akv_jax.cache import CompressedKV, DenseKV
 from akv_jax.policy import Layout, Policy, QUERY_SELECTIONS
-from akv_jax.quant import empty_quantized, quantize
+from akv_jax.quant import quantize
 
 _NEG = -jnp.inf
 
@@ -49,13 +48,13 @@ def _take(x: jax.Array, idx: jax.Array, valid: jax.Array) -> jax.Array:
   return jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 3)), out, jnp.zeros((), x.dtype))
 
 
-def _select(policy: Policy, lay: Layout, kv: DenseKV, scores, lengths, ws):
+def _select(policy: Policy, lay: Layout, kv: DenseKV, scores, ws):
   """Kept body tokens per head: (sorted indices i32[B, K, n], kept count i32[B, K], budgets or None)."""
   b, kh, s, _ = kv.k.shape
   z = lay.n_sink
   avail = jnp.maximum(ws - z, 0)[:, None]  # [B, 1] candidates per row
   if lay.paged:
-    n = lay.max_pages * lay.page_size - lay.reserve_pages * lay.page_size
+    n = (lay.max_pages - lay.reserve_pages) * lay.page_size   # the most one head may keep (its cap)
   else:
     n = lay.selected
   n = min(n, s)
@@ -127,7 +126,7 @@ def _compress(kv: DenseKV, queries, policy: Policy, lay: Layout) -> CompressedKV
   ws = jnp.maximum(z, lengths - lay.recent)                       # [B] window start
   w = jnp.maximum(lengths - ws, 0)                                # [B] window tokens
   scores = _scores(policy, kv, queries)
-  sel_idx, count, budget = _select(policy, lay, kv, scores, lengths, ws)
+  sel_idx, count, budget = _select(policy, lay, kv, scores, ws)
   n = sel_idx.shape[-1]
   kb = (count // u) * u                                          # keys quantized in whole groups
   vb = count

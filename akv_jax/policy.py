@@ -227,7 +227,3 @@ class Policy:
 def _round_up(x: int, unit: int) -> int:
   return -(-x // unit) * unit
 
-
-def guard_summary(policy: Policy, num_layers: int) -> list[tuple[int | None, int | None]]:
-  """(key bits, value bits) of every layer, for reports."""
-  return [policy.bits_for(layer, num_layers) for layer in range(num_layers)]

@@ -137,18 +137,5 @@ def dequantize(qt: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
   return (g * scale + zero).reshape(codes.shape).astype(dtype)
 
 
-def empty_quantized(shape: tuple[int, ...], spec: QuantSpec) -> QuantizedTensor:
-  """All-zero QuantizedTensor standing for a [..., S, H] tensor (an empty body to fill during decoding)."""
-  *lead, s, h = shape
-  _group_view(jnp.zeros((1,) * len(lead) + (s, h), jnp.int8), spec.group, spec.axis)  # validates divisibility
-  n = _codes_per_byte(spec.bits)
-  if h % n:
-    raise ValueError(f"head dim {h} must be a multiple of {n} to pack {spec.bits}-bit codes")
-  pshape = (*lead, s // spec.group, h) if spec.axis == "channel" else (*lead, s, h // spec.group)
-  return QuantizedTensor(codes=jnp.zeros((*lead, s, h * spec.bits // 8), jnp.uint8),
-                         scale=jnp.zeros(pshape, SCALE_DTYPE), zero=jnp.zeros(pshape, SCALE_DTYPE),
-                         bits=spec.bits, group=spec.group, axis=spec.axis)
-
-
 def spec_of(qt: QuantizedTensor) -> QuantSpec:
   return QuantSpec(bits=qt.bits, group=qt.group, axis=qt.axis)
