@@ -2,22 +2,32 @@
 
     python experiments/train_tiny.py --config experiments/train_tiny.yaml [--set key=value ...] [--tiny]
 
-Teacher-forced next-token loss on the answer tokens only (the prompt's filler is random and unpredictable).
-Lengths follow a curriculum: short prompts first so retrieval is learned cheaply, then a growing share of
-prompts at the full context length, where the model is evaluated. Training stops at `steps` or at
-`time_budget_min`, whichever comes first; then it evaluates greedy generation with the full cache and writes:
+Loss: teacher-forced next-token loss on the answer tokens, plus (body_weight) the next-word loss over the body of
+the two word-frequency tasks, whose filler is their evidence; the other tasks' filler is random and unpredictable.
+Half the steps (recall_share) are dense associative-recall streams in the tasks' format, which teach the lookup
+circuit with one supervised answer every few tokens instead of one per prompt.
 
-  OUT/params/            orbax checkpoint of the parameters
-  OUT/config.json        the model config (LlamaConfig fields)
-  OUT/train_log.jsonl    one line per logged step (loss, lengths, seconds)
-  OUT/scores.json        per-task accuracy at the eval lengths, the machine, the wall time
+Progress is max(step / steps, elapsed / time_budget): the learning-rate schedule (linear warmup over `warmup`
+steps, then cosine to min_lr_frac * lr) and the length curriculum (all prompts at the shortest length at first,
+moving to final_mix over the first curriculum_frac of progress) follow it, so a run cut short by its time budget
+still anneals and still reaches the full context. Batches are drawn in `workers` processes from per-step seeds.
+
+Writes, in --out:
+  params/            orbax checkpoint of the parameters (also rewritten at each evaluation during training)
+  config.json        the model config (LlamaConfig fields)
+  train_log.jsonl    one line per logged step (loss, answer loss, lr, length, batch, seconds) or evaluation
+  scores.json        per-task accuracy with the full cache at the eval lengths, the device, the wall time
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 import dataclasses
 import json
+import math
+import multiprocessing
 import pathlib
 import platform
 import sys
@@ -38,14 +48,16 @@ import akv_jax as akv
 from akv_jax import models, tasks
 from experiments.run_experiment import apply_set
 
+WORD_TASKS = ("common_words", "frequent_words")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
   out: str = "akv_jax/models/default"
   seed: int = 0
   # Model.
-  hidden_size: int = 128
-  intermediate_size: int = 384
+  hidden_size: int = 256
+  intermediate_size: int = 768
   num_layers: int = 4
   num_heads: int = 4
   num_kv_heads: int = 2
@@ -54,23 +66,28 @@ class TrainConfig:
   # Data.
   task_names: tuple[str, ...] = tuple(tasks.TASK_NAMES)
   lengths: tuple[int, ...] = (128, 256, 512, 1024, 2048)
-  curriculum_steps: int = 1200    # steps over which the length mix moves from all-shortest to final_mix
-  final_mix: tuple[float, ...] = (0.25, 0.25, 0.2, 0.15, 0.15)   # share of each length after the curriculum
-  batch: int = 8                   # eval batch, and the train batch at lengths where tokens_per_step allows less
-  tokens_per_step: int = 8192      # train batch at length T is clip(tokens_per_step // T, batch // 2, max_batch)
-  max_batch: int = 32
+  final_mix: tuple[float, ...] = (0.15, 0.2, 0.2, 0.2, 0.25)   # share of each length after the curriculum
+  curriculum_frac: float = 0.3     # progress at which the length mix reaches final_mix
+  tokens_per_step: int = 32768     # train batch at length T is clip(tokens_per_step // T, min_batch, max_batch)
+  min_batch: int = 8
+  max_batch: int = 128
+  recall_share: float = 0.5        # share of steps on dense recall streams (see recall_stream)
+  recall_pairs: int = 16
+  body_weight: float = 0.2         # weight of the mean next-word loss over word-task bodies, against answers' 1
+  workers: int = 0                 # processes drawing batches; 0 draws them in the training loop
   # Optimization.
-  steps: int = 2600
+  steps: int = 20000
+  time_budget_min: float = 6.0
   lr: float = 2e-3
-  warmup: int = 200
+  min_lr_frac: float = 0.05
+  warmup: int = 150
   weight_decay: float = 0.01
   clip: float = 1.0
-  recall_share: float = 0.5       # share of steps on dense recall streams (see recall_stream)
-  recall_pairs: int = 16
-  time_budget_min: float = 48.0
+  # Logging and evaluation.
   log_every: int = 25
-  eval_every: int = 800
-  eval_samples: int = 16           # per task and eval length
+  eval_every_min: float = 1.5      # evaluate (eval_samples // 4 per task) and save params this often
+  eval_samples: int = 16           # per task and eval length, at the end
+  eval_batch: int = 8
   eval_lengths: tuple[int, ...] = (2048,)
 
   def model_config(self) -> models.LlamaConfig:
@@ -82,17 +99,30 @@ class TrainConfig:
 
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, context=128,
-            lengths=(64, 128), final_mix=(0.5, 0.5), curriculum_steps=2, batch=4, max_batch=4, steps=3, log_every=1, eval_every=3,
-            eval_samples=1, eval_lengths=(128,), warmup=1, recall_pairs=4)
+            lengths=(64, 128), final_mix=(0.5, 0.5), curriculum_frac=0.5, min_batch=2, max_batch=4, steps=3,
+            log_every=1, eval_every_min=0.0, eval_samples=1, eval_batch=4, eval_lengths=(128,), warmup=1,
+            recall_pairs=4, workers=0, time_budget_min=5.0)
 
 
-def length_mix(cfg: TrainConfig, step: int) -> np.ndarray:
-  """Sampling probabilities over cfg.lengths: all shortest at step 0, moving linearly to cfg.final_mix.
+def progress(cfg: TrainConfig, step: int, elapsed: float) -> float:
+  return min(1.0, max(step / max(cfg.steps, 1), elapsed / max(cfg.time_budget_min * 60, 1e-9)))
 
-  Long prompts cost quadratically more per step, so the final mix keeps most steps short: retrieval and
-  counting are learned on short prompts, the long share teaches the model to do them over the full context.
+
+def learning_rate(cfg: TrainConfig, step: int, prog: float) -> float:
+  """Linear warmup over cfg.warmup steps, then cosine from lr to min_lr_frac * lr as progress goes to 1."""
+  if step < cfg.warmup:
+    return cfg.lr * (step + 1) / cfg.warmup
+  floor = cfg.lr * cfg.min_lr_frac
+  return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * prog))
+
+
+def length_mix(cfg: TrainConfig, prog: float) -> np.ndarray:
+  """Sampling probabilities over cfg.lengths: all shortest at progress 0, final_mix from curriculum_frac on.
+
+  Retrieval and counting are learned cheaply on short prompts; the long share teaches the model to do them
+  over the full context, where it is evaluated.
   """
-  frac = min(1.0, step / max(cfg.curriculum_steps, 1))
+  frac = min(1.0, prog / max(cfg.curriculum_frac, 1e-9))
   start = np.zeros(len(cfg.lengths))
   start[0] = 1.0
   p = (1 - frac) * start + frac * np.asarray(cfg.final_mix, np.float64)
@@ -133,46 +163,88 @@ def recall_stream(rng: np.random.Generator, length: int, vocab, n_pairs: int) ->
 
 def train_batch(cfg: TrainConfig, length: int) -> int:
   """Short prompts carry as much answer signal as long ones at a fraction of the cost: batch more of them."""
-  return int(np.clip(cfg.tokens_per_step // length, max(1, cfg.batch // 2), cfg.max_batch))
+  return int(np.clip(cfg.tokens_per_step // length, cfg.min_batch, cfg.max_batch))
 
 
-def loss_fn(params, config, tokens, mask):
+def draw_batch(cfg: TrainConfig, step: int, length: int, recall: bool) -> tuple[np.ndarray, ...]:
+  """The batch of one step, from its own seed (so workers can draw steps in any order).
+
+  Returns tokens i32[B, L], answer mask bool[B, L] and loss weights f32[B, L] (1 on answers, body_weight spread
+  over each word-task body), where L = length + the longest answer, one width per length bucket so the number of
+  compiled train steps is len(lengths).
+  """
+  rng = np.random.default_rng([cfg.seed, step])
+  vocab = tasks.Vocab()
+  width = length + max(tasks.get_task(t).max_answer_length() for t in cfg.task_names)
+  bsz = train_batch(cfg, length)
+  if recall:
+    rows = [recall_stream(rng, width, vocab, cfg.recall_pairs) for _ in range(bsz)]
+    toks, mask = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+    return toks, mask, mask.astype(np.float32)
+  names = list(rng.choice(cfg.task_names, size=bsz))
+  batch = tasks.make_batch(names, rng, length, vocab, bsz)
+  toks, mask = tasks.training_batch(batch.samples, length=width)
+  weights = mask.astype(np.float32)
+  for i, name in enumerate(names):
+    if name in WORD_TASKS and cfg.body_weight > 0:
+      # Body words are predicted from position 2 (after BOS and the marker) to the last word before QUERY.
+      body = slice(3, length - 2)
+      weights[i, body] = cfg.body_weight * mask[i].sum() / (body.stop - body.start)
+  return toks, mask, weights
+
+
+def loss_fn(params, config, tokens, mask, weights):
   logits = models.llama._forward(config, params, tokens[:, :-1])
-  targets = tokens[:, 1:]
   logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  m = mask[:, 1:].astype(jnp.float32)
-  return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
+  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  n = jnp.maximum(jnp.sum(mask[:, 1:]), 1)
+  answer = jnp.sum(jnp.where(mask[:, 1:], nll, 0.0)) / n
+  return jnp.sum(nll * weights[:, 1:]) / n, answer
+
+
+def make_optimizer(cfg: TrainConfig):
+  def chain(learning_rate):
+    return optax.chain(optax.clip_by_global_norm(cfg.clip),
+                       optax.adamw(learning_rate, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay))
+  return optax.inject_hyperparams(chain)(learning_rate=cfg.lr)
 
 
 def make_step(config, optimizer):
   @jax.jit
-  def step(params, opt_state, tokens, mask):
-    loss, grads = jax.value_and_grad(loss_fn)(params, config, tokens, mask)
+  def step(params, opt_state, tokens, mask, weights, lr):
+    (loss, answer), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, config, tokens, mask, weights)
+    opt_state.hyperparams["learning_rate"] = lr
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), opt_state, loss, answer
   return step
 
 
-def evaluate(config, params, cfg: TrainConfig, rng: np.random.Generator, vocab) -> dict:
-  """Greedy generation with the full cache; accuracy per task at each eval length."""
+def evaluate(config, params, cfg: TrainConfig, rng: np.random.Generator, vocab, samples: int) -> dict:
+  """Greedy generation with the full cache; accuracy per task at each eval length, `samples` rows per task.
+
+  Rows go eval_batch at a time; the last chunk is topped up with extra rows (not scored) so every call has the
+  same shape and generate compiles once per length.
+  """
   out = {}
   max_new = max(tasks.get_task(t).max_answer_length() for t in cfg.task_names)
+  full = akv.presets.get("full")
   for length in cfg.eval_lengths:
-    preds, samples = [], []
-    names = [t for t in cfg.task_names for _ in range(cfg.eval_samples)]
-    for i in range(0, len(names), cfg.batch):
-      chunk = names[i:i + cfg.batch]
+    names = [t for t in cfg.task_names for _ in range(samples)]
+    preds, drawn = [], []
+    for i in range(0, len(names), cfg.eval_batch):
+      chunk = names[i:i + cfg.eval_batch]
+      chunk = chunk + names[:cfg.eval_batch - len(chunk)]
       batch = tasks.make_batch(chunk, rng, length, vocab, len(chunk))
-      gen, _, _ = models.generate(config, params, jnp.asarray(batch.prompts), jnp.asarray(batch.lengths),
-                                  akv.presets.get("full"), max_new, stop_tokens=(tasks.vocab.EOS,))
-      preds.extend(np.asarray(gen))
-      samples.extend(batch.samples)
-    out[str(length)] = tasks.score_batch(np.stack(preds), samples)
+      gen, _, _ = models.generate(config, params, jnp.asarray(batch.prompts), jnp.asarray(batch.lengths), full,
+                                  max_new, stop_tokens=(tasks.vocab.EOS,))
+      keep = min(cfg.eval_batch, len(names) - i)
+      preds.extend(np.asarray(gen)[:keep])
+      drawn.extend(batch.samples[:keep])
+    out[str(length)] = tasks.score_batch(np.stack(preds), drawn)
   return out
 
 
-def main(argv=None) -> dict:
+def parse(argv) -> TrainConfig:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default=None)
   parser.add_argument("--set", action="append", default=[], help="field=value (YAML-typed)")
@@ -200,58 +272,102 @@ def main(argv=None) -> dict:
     raise SystemExit(f"error: final_mix {cfg.final_mix} needs one share per length in {cfg.lengths}")
   if max(cfg.lengths) > cfg.context or max(cfg.eval_lengths) > cfg.context:
     raise SystemExit(f"error: lengths {cfg.lengths} / eval_lengths {cfg.eval_lengths} exceed context={cfg.context}")
+  if cfg.workers < 0:
+    raise SystemExit(f"error: workers={cfg.workers} must be >= 0")
+  return cfg
 
+
+class Batches:
+  """Plans each step's (length, kind) in the training loop and draws its batch, in worker processes if any.
+
+  The plan is made `depth` steps ahead, from the progress at planning time.
+  """
+
+  def __init__(self, cfg: TrainConfig):
+    self.cfg = cfg
+    self.rng = np.random.default_rng(cfg.seed)
+    # spawn, not fork: a forked child of a process running JAX's threads can deadlock.
+    self.pool = (concurrent.futures.ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"))
+                 if cfg.workers else None)
+    self.queue = collections.deque()
+    self.planned = 0
+
+  def _plan(self, prog: float):
+    length = int(self.rng.choice(self.cfg.lengths, p=length_mix(self.cfg, prog)))
+    recall = bool(self.rng.random() < self.cfg.recall_share)
+    step, self.planned = self.planned, self.planned + 1
+    if self.pool is None:
+      return length, draw_batch(self.cfg, step, length, recall)
+    return length, self.pool.submit(draw_batch, self.cfg, step, length, recall)
+
+  def next(self, prog: float):
+    depth = 1 if self.pool is None else 2 * self.cfg.workers
+    while len(self.queue) < depth:
+      self.queue.append(self._plan(prog))
+    length, item = self.queue.popleft()
+    return length, item if self.pool is None else item.result()
+
+  def close(self):
+    if self.pool is not None:
+      self.pool.shutdown(cancel_futures=True)
+
+
+def save_params(out: pathlib.Path, params) -> None:
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save((out / "params").resolve(), params, force=True)
+
+
+def main(argv=None) -> dict:
+  cfg = parse(argv)
   vocab = tasks.Vocab()
   config = cfg.model_config()
   out = pathlib.Path(cfg.out)
   out.mkdir(parents=True, exist_ok=True)
+  (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1, default=str) + "\n")
+  batches = Batches(cfg)   # before JAX starts its threads
   params = models.init_params(config, jax.random.key(cfg.seed))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, max(cfg.steps, cfg.warmup + 1),
-                                                cfg.lr * 0.05)
-  optimizer = optax.chain(optax.clip_by_global_norm(cfg.clip),
-                          optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay))
+  optimizer = make_optimizer(cfg)
   opt_state = optimizer.init(params)
   step_fn = make_step(config, optimizer)
-  rng = np.random.default_rng(cfg.seed)
   eval_rng = np.random.default_rng(cfg.seed + 10_000)
-  max_answer = max(tasks.get_task(t).max_answer_length() for t in cfg.task_names)
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
   log = open(out / "train_log.jsonl", "w")
-  start = time.time()
+  log.write(json.dumps({"params": int(n_params), "device": jax.devices()[0].device_kind}) + "\n")
+  start = last_eval = time.time()
   evals = {}
   step = 0
   bar = tqdm(range(cfg.steps), desc="train", mininterval=10)
-  for step in bar:
-    length = int(rng.choice(cfg.lengths, p=length_mix(cfg, step)))
-    bsz = train_batch(cfg, length)
-    if rng.random() < cfg.recall_share:
-      rows = [recall_stream(rng, length + max_answer, vocab, cfg.recall_pairs) for _ in range(bsz)]
-      toks, mask = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
-    else:
-      names = list(rng.choice(cfg.task_names, size=bsz))
-      batch = tasks.make_batch(names, rng, length, vocab, bsz)
-      # One padded width per length bucket keeps the number of compiled train steps at len(lengths).
-      toks, mask = tasks.training_batch(batch.samples, length=length + max_answer)
-    params, opt_state, loss = step_fn(params, opt_state, jnp.asarray(toks), jnp.asarray(mask))
-    if step % cfg.log_every == 0:
-      rec = {"step": step, "loss": float(loss), "length": length, "seconds": round(time.time() - start, 1)}
-      log.write(json.dumps(rec) + "\n")
-      log.flush()
-      bar.set_postfix(loss=f"{float(loss):.3f}", length=length)
-    if cfg.eval_every and step and step % cfg.eval_every == 0:
-      evals[str(step)] = evaluate(config, params, dataclasses.replace(cfg, eval_samples=max(1, cfg.eval_samples // 4)),
-                                  eval_rng, vocab)
-      log.write(json.dumps({"step": step, "eval": evals[str(step)]}) + "\n")
-      log.flush()
-    if time.time() - start > cfg.time_budget_min * 60:
-      break
+  try:
+    for step in bar:
+      prog = progress(cfg, step, time.time() - start)
+      length, (toks, mask, weights) = batches.next(prog)
+      lr = learning_rate(cfg, step, prog)
+      params, opt_state, loss, answer = step_fn(params, opt_state, jnp.asarray(toks), jnp.asarray(mask),
+                                                jnp.asarray(weights), jnp.float32(lr))
+      if step % cfg.log_every == 0:
+        rec = {"step": step, "loss": float(loss), "answer_loss": float(answer), "lr": lr, "length": length,
+               "batch": int(toks.shape[0]), "seconds": round(time.time() - start, 1)}
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        bar.set_postfix(loss=f"{float(answer):.3f}", length=length)
+      if cfg.eval_every_min and time.time() - last_eval > cfg.eval_every_min * 60:
+        evals[str(step)] = evaluate(config, params, cfg, eval_rng, vocab, max(1, cfg.eval_samples // 4))
+        save_params(out, params)
+        log.write(json.dumps({"step": step, "seconds": round(time.time() - start, 1), "eval": evals[str(step)]})
+                  + "\n")
+        log.flush()
+        last_eval = time.time()
+      if progress(cfg, step + 1, time.time() - start) >= 1.0:
+        break
+  finally:
+    batches.close()
   train_seconds = time.time() - start
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save((out / "params").resolve(), params, force=True)
-  (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1, default=str) + "\n")
-  final = evaluate(config, params, cfg, np.random.default_rng(cfg.seed + 20_000), vocab)
+  save_params(out, params)
+  final = evaluate(config, params, cfg, np.random.default_rng(cfg.seed + 20_000), vocab, cfg.eval_samples)
   result = {"command": "python experiments/train_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "train_config": dataclasses.asdict(cfg), "steps_run": step + 1, "train_seconds": round(train_seconds, 1),
-            "device": jax.devices()[0].device_kind, "platform": platform.machine(), "final_eval": final,
+            "train_config": dataclasses.asdict(cfg), "params": int(n_params), "steps_run": step + 1,
+            "train_seconds": round(train_seconds, 1), "device": jax.devices()[0].device_kind,
+            "jax": jax.__version__, "platform": platform.machine(), "final_eval": final,
             "evals_during_training": evals}
   (out / "scores.json").write_text(json.dumps(result, indent=1) + "\n")
   print(json.dumps(final, indent=1))
