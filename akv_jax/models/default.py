@@ -34,7 +34,11 @@ def load_default(path: str | os.PathLike | None = None) -> tuple[LlamaConfig, di
     raise ValueError(f"no trained model at {root}: expected config.json and params/ "
                      "(python experiments/train_tiny.py --config experiments/train_tiny.yaml writes them)")
   config = config_from_json(json.loads((root / "config.json").read_text()))
-  abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+  # Restore onto this process's first device, whatever the topology the checkpoint was saved from (the shipped
+  # model was trained on a GPU).
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                    jax.eval_shape(lambda: init_params(config, jax.random.key(0))))
   with ocp.StandardCheckpointer() as ckpt:
     params = ckpt.restore((root / "params").resolve(), abstract)
   return config, params
