@@ -1,0 +1,158 @@
+"""pallas_kernels.decode_attention against its plain-jnp reference (interpret mode on CPU, the GPU when present),
+and its Triton lowering for CUDA from a CPU-only machine."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import decode_attention as da
+
+INTERPRET = jax.default_backend() != "gpu"
+
+
+def make_inputs(seed, *, b=2, kh=2, g=4, h=64, z=4, m=96, r=40, f=32, fmt=da.Format(), pages=None,
+                lengths=None):
+  """Random kernel inputs. Codes, scales and mins are random (the kernel only has to decode them like the
+  reference); lengths are ragged and, unless given, include an empty body and a full one."""
+  rng = np.random.default_rng(seed)
+  heads = 1 if fmt.page_size else kh
+  rows = pages * fmt.page_size if fmt.page_size else m
+
+  def bf16(*shape):
+    return jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+
+  def packed(bits, *shape_rows, scale_shape):
+    codes = jnp.asarray(rng.integers(0, 256, size=(*shape_rows, h * bits // 8)), jnp.uint8)
+    scale = jnp.asarray(rng.uniform(0.01, 0.3, size=scale_shape), jnp.float16)
+    zero = jnp.asarray(rng.normal(size=scale_shape), jnp.float16)
+    return codes, scale, zero
+
+  if fmt.key_bits == da.RAW:
+    body_k = bf16(b, heads, rows, h)
+  else:
+    body_k = packed(fmt.key_bits, b, heads, rows, scale_shape=(b, heads, rows // fmt.key_group, h))
+  if fmt.value_bits == da.RAW:
+    body_v = bf16(b, heads, rows, h)
+  else:
+    body_v = packed(fmt.value_bits, b, heads, rows, scale_shape=(b, heads, rows, h // fmt.value_group))
+  q = jnp.asarray(rng.normal(size=(b, kh, g, h)) / np.sqrt(h), jnp.float32)
+  table = None
+  if fmt.page_size:
+    per_head = pages // kh
+    perm = np.stack([rng.permutation(pages) for _ in range(b)])             # pool pages of each row, shuffled
+    table = perm.reshape(b, kh, per_head).astype(np.int32)
+    table[0, -1, per_head // 2:] = -1                                      # a head owning fewer pages
+    capacity = np.where(table >= 0, 1, 0).sum(-1) * fmt.page_size
+    table = jnp.asarray(table)
+  else:
+    capacity = np.full((b, kh), m)
+  if lengths is None:
+    sink = rng.integers(0, z + 1, size=(b, 1)).repeat(kh, 1)
+    body = rng.integers(0, capacity + 1)
+    body[0, 0] = 0
+    body[-1, -1] = capacity[-1, -1]
+    patch = rng.integers(0, f, size=(b, kh))
+    recent = np.minimum(patch + rng.integers(0, r + 1, size=(b, kh)), r)
+    patch = np.minimum(patch, recent)
+    lengths = np.stack([sink, body, patch, recent], -1)
+  return dict(q=q, sink_k=bf16(b, kh, z, h), sink_v=bf16(b, kh, z, h), body_k=body_k, body_v=body_v,
+              recent_k=bf16(b, kh, r, h), recent_v=bf16(b, kh, r, h), patch_v=bf16(b, kh, f, h),
+              lengths=jnp.asarray(lengths, jnp.int32), page_table=table)
+
+
+def run_kernel(inputs, fmt, **kw):
+  o, m, l = da.decode_attention(**inputs, fmt=fmt, interpret=INTERPRET, **kw)
+  return da.combine(o, m, l, inputs["q"].shape[2])
+
+
+def check(inputs, fmt, **kw):
+  got = run_kernel(inputs, fmt, **kw)
+  want = da.decode_attention_reference(**inputs, fmt=fmt)
+  assert np.all(np.isfinite(np.asarray(got)))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-4)
+
+
+CASES = [
+    # (key_bits, value_bits, h, g, value_group)
+    (2, 2, 128, 4, 32), (4, 4, 64, 8, 32), (8, 8, 128, 1, 32), (2, 4, 64, 4, 16), (4, 2, 128, 8, 64),
+    (2, 2, 64, 1, 32), (16, 16, 64, 4, 32), (16, 16, 128, 8, 32), (8, 2, 64, 4, 32),
+]
+
+
+@pytest.mark.parametrize("kb,vb,h,g,gv", CASES)
+def test_dense_body_matches_reference(kb, vb, h, g, gv):
+  fmt = da.Format(key_bits=kb, value_bits=vb, value_group=gv, key_group=32, block=32)
+  inputs = make_inputs(kb * 100 + vb + h + g, h=h, g=g, fmt=fmt, m=96 if kb != 16 else 83, r=40)
+  check(inputs, fmt)
+  check(inputs, fmt, splits=3)      # more splits than some rows have blocks
+
+
+@pytest.mark.parametrize("kb,vb,h,g,q", [(2, 2, 128, 4, 32), (4, 4, 64, 8, 16), (16, 16, 64, 1, 16),
+                                           (8, 4, 128, 4, 32)])
+def test_paged_body_matches_reference(kb, vb, h, g, q):
+  fmt = da.Format(key_bits=kb, value_bits=vb, key_group=q, value_group=16, page_size=q)
+  inputs = make_inputs(7 + kb + q, h=h, g=g, fmt=fmt, pages=8, r=33)
+  check(inputs, fmt)
+  check(inputs, fmt, splits=2)
+
+
+def test_long_recent_buffer_and_empty_rows():
+  fmt = da.Format(key_bits=16, value_bits=16)
+  lengths = np.array([[[0, 0, 0, 0], [4, 0, 0, 300]], [[1, 0, 0, 77], [4, 0, 0, 131]]])
+  inputs = make_inputs(3, m=32, r=300, f=1, fmt=fmt, lengths=lengths)
+  got = np.asarray(run_kernel(inputs, fmt, splits=4))
+  np.testing.assert_array_equal(got[0, 0], 0.0)    # nothing to attend to: zeros, not NaN
+  check(inputs, fmt, splits=4)
+
+
+def test_every_split_written():
+  """Poison: outputs of every (row, head, split) are finite and the unused splits carry no mass."""
+  fmt = da.Format(key_bits=2, value_bits=2)
+  inputs = make_inputs(11, m=256, r=30, f=16, fmt=fmt)
+  o, m, l = da.decode_attention(**inputs, fmt=fmt, splits=4, interpret=INTERPRET)
+  assert np.all(np.isfinite(np.asarray(o))) and np.all(np.isfinite(np.asarray(m)))
+  body = np.asarray(inputs["lengths"])[..., 1]
+  # Split s of a head sees body blocks [2s, 2s + 2) (8 blocks / 4 splits); the one recent block goes to split 0.
+  for s in range(1, 4):
+    empty = body <= 2 * s * 32
+    np.testing.assert_array_equal(np.asarray(l)[:, :, s][empty], 0.0)
+
+
+@pytest.mark.parametrize("kb,vb,h,paged", [(2, 2, 128, False), (4, 4, 64, True), (8, 8, 64, False),
+                                             (16, 16, 128, True), (2, 4, 64, False)])
+def test_lowers_for_cuda(kb, vb, h, paged):
+  q_size = 32 if kb != 16 else 16
+  fmt = da.Format(key_bits=kb, value_bits=vb, value_group=32, page_size=q_size if paged else 0)
+  inputs = make_inputs(0, h=h, fmt=fmt, pages=8 if paged else None)
+  fn = jax.jit(lambda kw: da.decode_attention(**kw, fmt=fmt))
+  text = fn.trace(inputs).lower(lowering_platforms=("cuda",)).as_text()
+  assert "__gpu$xla.gpu.triton" in text
+
+
+def test_errors():
+  fmt = da.Format(key_bits=2, value_bits=2)
+  inputs = make_inputs(0, fmt=fmt)
+  with pytest.raises(ValueError, match="key_bits=3 is not supported"):
+    da.Format(key_bits=3)
+  with pytest.raises(ValueError, match="key_group=24 must be a power of 2"):
+    da.Format(key_group=24)
+  with pytest.raises(ValueError, match="page_size=8 must be a power of 2 >= 16"):
+    da.Format(page_size=8)
+  with pytest.raises(ValueError, match="page_size=16 must equal key_group=32"):
+    da.Format(key_bits=2, page_size=16)
+  with pytest.raises(ValueError, match=r"q must be \[B, K, G, H\]"):
+    da.decode_attention(**{**inputs, "q": inputs["q"][0]}, fmt=fmt, interpret=True)
+  with pytest.raises(ValueError, match="head dim H=32 is too small for key_bits=2"):
+    small = make_inputs(0, h=32, fmt=da.Format(key_bits=4, value_bits=4))
+    da.decode_attention(**small, fmt=fmt, interpret=True)
+  with pytest.raises(ValueError, match=r"lengths must be i32\[B=2, K=2, 4\]"):
+    da.decode_attention(**{**inputs, "lengths": inputs["lengths"][..., :3]}, fmt=fmt, interpret=True)
+  with pytest.raises(ValueError, match="page_table is missing but page_size=32"):
+    da.decode_attention(**inputs, fmt=da.Format(key_bits=2, value_bits=2, page_size=32), interpret=True)
+  with pytest.raises(ValueError, match="splits=0 must be >= 1"):
+    da.decode_attention(**inputs, fmt=fmt, splits=0, interpret=True)
+  with pytest.raises(ValueError, match="side_block=24 must be a power of 2"):
+    da.decode_attention(**inputs, fmt=fmt, side_block=24, interpret=True)
+  with pytest.raises(ValueError, match="body capacity 80 is not a multiple of key_group=32"):
+    da.decode_attention(**make_inputs(0, m=80, fmt=fmt), fmt=fmt, interpret=True)
