@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from akv_jax import body as _body
+from akv_jax import fused as _fused
 from akv_jax import validation
 from akv_jax.cache import CompressedKV
 
@@ -88,16 +89,30 @@ def attend(q: jax.Array, ckv: CompressedKV, *, scale: float | None = None, retur
     scale: softmax scale, default 1/sqrt(H).
     return_probs: also return f32[B, K, M + R], each body and recent slot's attention averaged over the G query
       heads (feed it to `observe` for H2O).
-    implementation: None or "xla" (this reference). Fused Pallas kernels are a separate issue; asking for
-      "pallas" raises rather than silently running something else.
-    interpret: reserved for the Pallas path.
+    implementation: "xla" (the plain-jnp reference), "pallas" (the fused kernel of
+      pallas_kernels.decode_attention: one query token, no probabilities, keys quantized per channel and
+      values per token or bf16), or None: Pallas on a GPU when the call is one it handles, XLA otherwise.
+      Asking for "pallas" where it cannot run raises; it never falls back silently.
+    interpret: run the Pallas kernel in interpret mode (how it is tested on CPU).
 
   Returns:
     [B, N, H] (or [B, N, T, H]) in q's dtype, and the probabilities when asked.
   """
-  if implementation not in (None, "xla"):
-    raise ValueError(f"implementation={implementation!r} is not available; use None or 'xla'")
-  del interpret
+  match implementation:
+    case None:
+      use_pallas = jax.default_backend() == "gpu" and _fused.supported(q, ckv, return_probs)
+    case "xla":
+      use_pallas = False
+    case "pallas":
+      if jax.default_backend() != "gpu" and not interpret:
+        raise ValueError(f"implementation='pallas' needs a GPU (this backend is {jax.default_backend()!r}); "
+                         "pass interpret=True to run the kernel in interpret mode, or use implementation='xla'")
+      _fused.check_supported(q, ckv, return_probs)
+      use_pallas = True
+    case _:
+      raise ValueError(f"implementation={implementation!r} is not one of None, 'xla', 'pallas'")
+  if use_pallas:
+    return _fused.attend(q, ckv, scale=scale, interpret=interpret)
   return _attend(q, ckv, scale, return_probs)
 
 

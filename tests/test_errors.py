@@ -116,8 +116,17 @@ def test_attend_and_append_errors(kv, q_obs):
     akv.attend(q[..., 0], ckv)
   with pytest.raises(ValueError, match="q heads N=5 must be a multiple of the kv heads K=2"):
     akv.attend(jnp.zeros((B, 5, H)), ckv)
-  with pytest.raises(ValueError, match="implementation='pallas' is not available"):
+  with pytest.raises(ValueError, match="implementation='pallas' needs a GPU \\(this backend is 'cpu'\\)"):
     akv.attend(q, ckv, implementation="pallas")
+  with pytest.raises(ValueError, match="implementation='triton' is not one of None, 'xla', 'pallas'"):
+    akv.attend(q, ckv, implementation="triton")
+  with pytest.raises(ValueError, match="implementation='pallas' attends one query token per row"):
+    akv.attend(q_obs[:, :, :2], ckv, implementation="pallas", interpret=True)
+  with pytest.raises(ValueError, match="implementation='pallas' does not return per-slot probabilities"):
+    akv.attend(q, ckv, implementation="pallas", interpret=True, return_probs=True)
+  with pytest.raises(ValueError, match="the Pallas kernel reads keys quantized per channel \\(KIVI\\); this cache's keys are quantized per 'token'"):
+    tok = akv.compress(kv, akv.Policy(key_bits=4, value_bits=4, key_axis="token", key_group=16, value_group=16))
+    akv.attend(q, tok, implementation="pallas", interpret=True)
   with pytest.raises(ValueError, match="expected a CompressedKV, got DenseKV"):
     akv.attend(q, kv)
   with pytest.raises(ValueError, match=r"k_t must be \[B, K, H\] = \(2, 2, 16\), got shape \(2, 16\)"):

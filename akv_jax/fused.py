@@ -1,0 +1,116 @@
+"""Maps a CompressedKV onto the fused Pallas decode-attention kernel (pallas_kernels.decode_attention).
+
+The kernel takes plain arrays; this module is the one place that knows how a CompressedKV's fields become them:
+the body's packing and grouping become a static `Format`, the per-head fills become the kernel's lengths, and
+the values of recent slots whose values already sit in the body (KIVI's residual rule, at most one key group of
+them) are dequantized here into a small `patch` so the kernel never needs the body's value order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from akv_jax import body as _body
+from akv_jax import validation
+from akv_jax.cache import CompressedKV, QuantizedTensor
+from akv_jax.quant import dequantize
+from pallas_kernels import decode_attention as _da
+
+
+def body_format(ckv: CompressedKV) -> _da.Format:
+  """The kernel's static view of a cache's body; ValueError for layouts the kernel does not read."""
+  fields = {}
+  if isinstance(ckv.body_k, QuantizedTensor):
+    if ckv.body_k.axis != "channel":
+      raise ValueError(f"the Pallas kernel reads keys quantized per channel (KIVI); this cache's keys are "
+                       f"quantized per {ckv.body_k.axis!r}")
+    fields.update(key_bits=ckv.body_k.bits, key_group=ckv.body_k.group)
+  if isinstance(ckv.body_v, QuantizedTensor):
+    if ckv.body_v.axis != "token":
+      raise ValueError(f"the Pallas kernel reads values quantized per token (KIVI); this cache's values are "
+                       f"quantized per {ckv.body_v.axis!r}")
+    fields.update(value_bits=ckv.body_v.bits, value_group=ckv.body_v.group)
+  if ckv.paged:
+    fields.update(page_size=ckv.page_size)
+  return _da.Format(**fields)
+
+
+def check_supported(q: jax.Array, ckv: CompressedKV, return_probs: bool) -> None:
+  """ValueError naming what the fused kernel cannot do for this call."""
+  if q.ndim != 3:
+    raise ValueError(f"implementation='pallas' attends one query token per row (q [B, N, H]); got q of shape "
+                     f"{q.shape}; use implementation='xla' for several query tokens")
+  if return_probs:
+    raise ValueError("implementation='pallas' does not return per-slot probabilities (H2O); use "
+                     "implementation='xla' with return_probs=True")
+  body_format(ckv)
+  h = ckv.head_dim
+  for name, t in (("keys", ckv.body_k), ("values", ckv.body_v)):
+    if isinstance(t, QuantizedTensor) and h // (8 // t.bits) < 16:
+      raise ValueError(f"head dim {h} is too small for the Pallas kernel with {t.bits}-bit {name} (each packed "
+                       "sub-block needs >= 16 channels)")
+
+
+def supported(q: jax.Array, ckv: CompressedKV, return_probs: bool) -> bool:
+  try:
+    check_supported(q, ckv, return_probs)
+  except ValueError:
+    return False
+  return True
+
+
+def _patch(ckv: CompressedKV, rows: int) -> jax.Array:
+  """Values of recent slots [0, value_fill - key_fill): body value slots key_fill + 0..rows-1, [B, K, rows, H]."""
+  slots = ckv.key_fill[..., None] + jnp.arange(rows, dtype=jnp.int32)
+  flat = _body.pool_index(ckv, slots)                                     # [B, K, rows] flat pool rows
+  bidx = jnp.arange(ckv.batch)[:, None, None]
+
+  def gather(leaf):
+    return _body.flatten_leaf(leaf)[bidx, flat]
+
+  v = ckv.body_v
+  if isinstance(v, QuantizedTensor):
+    return dequantize(QuantizedTensor(codes=gather(v.codes), scale=gather(v.scale), zero=gather(v.zero),
+                                      bits=v.bits, group=v.group, axis=v.axis))
+  return gather(v)
+
+
+def _nonempty(x: jax.Array) -> jax.Array:
+  """A zero-slot segment becomes one slot (never read: its length is 0); Pallas blocks cannot be empty."""
+  return x if x.shape[2] else jnp.zeros((*x.shape[:2], 1, *x.shape[3:]), x.dtype)
+
+
+def attend(q: jax.Array, ckv: CompressedKV, *, scale: float | None = None, interpret: bool = False,
+           splits: int | None = None) -> jax.Array:
+  """Fused attention of q [B, N, H] over ckv; the same result as the XLA reference up to f32 rounding."""
+  b, kh, h = validation.compressed(ckv)
+  validation.queries(q, b, kh, h, name="q", ranks=(3,))
+  check_supported(q, ckv, False)
+  fmt = body_format(ckv)
+  n = q.shape[1]
+  g = n // kh
+  scale = 1.0 / math.sqrt(h) if scale is None else scale
+  qg = (q.astype(jnp.float32) * scale).reshape(b, kh, g, h)
+
+  m = ckv.body_pos.shape[2]
+  if m == 0:  # StreamingLLM keeps no body: hand the kernel one unread block
+    fmt = _da.Format()
+    dummy = jnp.zeros((b, kh, fmt.body_block, h), ckv.sink_k.dtype)
+    body_k, body_v = dummy, dummy
+  else:
+    body_k = (ckv.body_k.codes, ckv.body_k.scale, ckv.body_k.zero) if fmt.key_bits != _da.RAW else ckv.body_k
+    body_v = (ckv.body_v.codes, ckv.body_v.scale, ckv.body_v.zero) if fmt.value_bits != _da.RAW else ckv.body_v
+  # Values run ahead of keys by fewer than one key group (decode.append's residual rule).
+  patch_rows = fmt.key_group if (fmt.key_bits != _da.RAW and m) else 0
+  patch_v = _patch(ckv, patch_rows) if patch_rows else ckv.recent_v
+  patch_len = ckv.value_fill - ckv.key_fill if patch_rows else jnp.zeros_like(ckv.key_fill)
+  lengths = jnp.stack([jnp.broadcast_to(ckv.sink_fill[:, None], (b, kh)), ckv.key_fill, patch_len,
+                       ckv.recent_fill], axis=-1)
+  o, mx, l = _da.decode_attention(
+      qg, _nonempty(ckv.sink_k), _nonempty(ckv.sink_v), body_k, body_v, _nonempty(ckv.recent_k),
+      _nonempty(ckv.recent_v), _nonempty(patch_v), lengths, ckv.page_table if m else None, fmt=fmt,
+      splits=splits, interpret=interpret)
+  return _da.combine(o, mx, l, g).reshape(b, n, h).astype(q.dtype)
