@@ -65,6 +65,7 @@ class TrainConfig:
   context: int = 2048
   # Data.
   task_names: tuple[str, ...] = tuple(tasks.TASK_NAMES)
+  task_weights: tuple[float, ...] = ()   # sampling weight per task in task_names; empty = uniform
   lengths: tuple[int, ...] = (128, 256, 512, 1024, 2048)
   final_mix: tuple[float, ...] = (0.15, 0.2, 0.2, 0.2, 0.25)   # share of each length after the curriculum
   curriculum_frac: float = 0.3     # progress at which the length mix reaches final_mix
@@ -75,6 +76,7 @@ class TrainConfig:
   recall_pairs: int = 16
   body_weight: float = 0.2         # weight of the mean next-word loss over word-task bodies, against answers' 1
   workers: int = 0                 # processes drawing batches; 0 draws them in the training loop
+  init_from: str = ""              # a model directory (config.json + params/) to continue training from
   # Optimization.
   steps: int = 20000
   time_budget_min: float = 6.0
@@ -181,7 +183,8 @@ def draw_batch(cfg: TrainConfig, step: int, length: int, recall: bool) -> tuple[
     rows = [recall_stream(rng, width, vocab, cfg.recall_pairs) for _ in range(bsz)]
     toks, mask = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
     return toks, mask, mask.astype(np.float32)
-  names = list(rng.choice(cfg.task_names, size=bsz))
+  p = np.asarray(cfg.task_weights, np.float64) if cfg.task_weights else np.ones(len(cfg.task_names))
+  names = list(rng.choice(cfg.task_names, size=bsz, p=p / p.sum()))
   batch = tasks.make_batch(names, rng, length, vocab, bsz)
   toks, mask = tasks.training_batch(batch.samples, length=width)
   weights = mask.astype(np.float32)
@@ -272,6 +275,9 @@ def parse(argv) -> TrainConfig:
     raise SystemExit(f"error: final_mix {cfg.final_mix} needs one share per length in {cfg.lengths}")
   if max(cfg.lengths) > cfg.context or max(cfg.eval_lengths) > cfg.context:
     raise SystemExit(f"error: lengths {cfg.lengths} / eval_lengths {cfg.eval_lengths} exceed context={cfg.context}")
+  if cfg.task_weights and (len(cfg.task_weights) != len(cfg.task_names) or min(cfg.task_weights) < 0
+                           or sum(cfg.task_weights) <= 0):
+    raise SystemExit(f"error: task_weights {cfg.task_weights} needs one weight >= 0 per task in {cfg.task_names}")
   if cfg.workers < 0:
     raise SystemExit(f"error: workers={cfg.workers} must be >= 0")
   return cfg
@@ -325,7 +331,12 @@ def main(argv=None) -> dict:
   out.mkdir(parents=True, exist_ok=True)
   (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1, default=str) + "\n")
   batches = Batches(cfg)   # before JAX starts its threads
-  params = models.init_params(config, jax.random.key(cfg.seed))
+  if cfg.init_from:
+    loaded_config, params = models.load_default(cfg.init_from)
+    if loaded_config != config:
+      raise SystemExit(f"error: init_from={cfg.init_from} holds a different model: {loaded_config} vs {config}")
+  else:
+    params = models.init_params(config, jax.random.key(cfg.seed))
   optimizer = make_optimizer(cfg)
   opt_state = optimizer.init(params)
   step_fn = make_step(config, optimizer)
