@@ -1,6 +1,18 @@
-"""Pallas (Triton backend) kernels for attention over compressed KV caches.
+"""Pallas (Triton backend) kernels for attention over compressed KV caches, each beside its plain-jnp reference.
 
-Empty until the kernels issue lands: fused decode attention over packed 2/4/8-bit caches, fused quantize-and-pack,
-and a scoring prefill attention, each beside its plain-jnp reference. Kernels take plain arrays and never import
-akv_jax, so they stay testable alone.
+Kernels take plain arrays and never import akv_jax, so they stay testable alone; akv_jax.fused maps a
+CompressedKV onto decode_attention and akv.attend(implementation=...) dispatches to it.
+
+  decode_attention   fused split-K decode attention over packed 2/4/8-bit or bf16 bodies, dense or paged
+  quantize_pack      group min/max, rounding and bit packing in one pass (KIVI layout)
+  prefill_attention  causal flash attention for prefill that also returns SnapKV / H2O attention votes
+  lowering           CUDA lowering with the Triton module verified, for CPU-only CI
 """
+
+from pallas_kernels.decode_attention import Format as Format
+from pallas_kernels.decode_attention import combine as combine
+from pallas_kernels.decode_attention import decode_attention as decode_attention
+from pallas_kernels.decode_attention import decode_attention_reference as decode_attention_reference
+from pallas_kernels.lowering import lower_for_cuda as lower_for_cuda
+from pallas_kernels.prefill_scores import prefill_attention as prefill_attention
+from pallas_kernels.prefill_scores import prefill_attention_reference as prefill_attention_reference

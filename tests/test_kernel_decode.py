@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import decode_attention as da
+from pallas_kernels import lowering
 
 INTERPRET = jax.default_backend() != "gpu"
 
@@ -125,8 +126,7 @@ def test_lowers_for_cuda(kb, vb, h, paged):
   q_size = 32 if kb != 16 else 16
   fmt = da.Format(key_bits=kb, value_bits=vb, value_group=32, page_size=q_size if paged else 0)
   inputs = make_inputs(0, h=h, fmt=fmt, pages=8 if paged else None)
-  fn = jax.jit(lambda kw: da.decode_attention(**kw, fmt=fmt))
-  text = fn.trace(inputs).lower(lowering_platforms=("cuda",)).as_text()
+  text = lowering.lower_for_cuda(lambda kw: da.decode_attention(**kw, fmt=fmt), inputs)
   assert "__gpu$xla.gpu.triton" in text
 
 
