@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from akv_jax import body as _body
+from akv_jax import chunked as _chunked
 from akv_jax import fused as _fused
 from akv_jax import validation
 from akv_jax.cache import CompressedKV
@@ -89,9 +90,11 @@ def attend(q: jax.Array, ckv: CompressedKV, *, scale: float | None = None, retur
     scale: softmax scale, default 1/sqrt(H).
     return_probs: also return f32[B, K, M + R], each body and recent slot's attention averaged over the G query
       heads (feed it to `observe` for H2O).
-    implementation: "xla" (the plain-jnp reference), "pallas" (the fused kernel of
+    implementation: "reference" (the plain-jnp definition: dequantize everything, two einsums), "xla" (for
+      one query token without probabilities, akv_jax.chunked: the body a chunk at a time with an online
+      softmax, codes unpacked per sub-block; otherwise the reference), "pallas" (the fused kernel of
       pallas_kernels.decode_attention: one query token, no probabilities, keys quantized per channel and
-      values per token or bf16), or None: Pallas on a GPU when the call is one it handles, XLA otherwise.
+      values per token or bf16), or None: Pallas on a GPU when the call is one it handles, "xla" otherwise.
       Asking for "pallas" where it cannot run raises; it never falls back silently.
     interpret: run the Pallas kernel in interpret mode (how it is tested on CPU).
 
@@ -101,7 +104,7 @@ def attend(q: jax.Array, ckv: CompressedKV, *, scale: float | None = None, retur
   match implementation:
     case None:
       use_pallas = jax.default_backend() == "gpu" and _fused.supported(q, ckv, return_probs)
-    case "xla":
+    case "xla" | "reference":
       use_pallas = False
     case "pallas":
       if jax.default_backend() != "gpu" and not interpret:
@@ -110,9 +113,12 @@ def attend(q: jax.Array, ckv: CompressedKV, *, scale: float | None = None, retur
       _fused.check_supported(q, ckv, return_probs)
       use_pallas = True
     case _:
-      raise ValueError(f"implementation={implementation!r} is not one of None, 'xla', 'pallas'")
+      raise ValueError(f"implementation={implementation!r} is not one of None, 'xla', 'pallas', 'reference'")
   if use_pallas:
     return _fused.attend(q, ckv, scale=scale, interpret=interpret)
+  if implementation != "reference" and q.ndim == 3 and not return_probs:
+    validation.compressed(ckv)
+    return _chunked.attend(q, ckv, scale=scale)
   return _attend(q, ckv, scale, return_probs)
 
 

@@ -88,3 +88,24 @@ def write_rows(flat: jax.Array, rows: jax.Array, slots: jax.Array, enabled: jax.
   idx = jnp.where(enabled[..., None], idx, rows_total)
   bidx = jnp.broadcast_to(jnp.arange(flat.shape[0])[:, None, None], idx.shape)
   return flat.at[bidx, idx].set(rows.astype(flat.dtype), mode="drop")
+
+
+def gather_values(ckv: CompressedKV, slots: jax.Array) -> jax.Array:
+  """Body values at logical slots i32[B, K, n] of each head, dequantized: f32[B, K, n, H].
+
+  Reads only those n rows (codes, scales and mins of values quantized per token, or bf16 rows), wherever the
+  layout keeps them; used for the few recent slots whose values already left the bf16 window.
+  """
+  flat = pool_index(ckv, slots)                                           # [B, K, n] flat pool rows
+  bidx = jnp.arange(ckv.batch)[:, None, None]
+  v = ckv.body_v
+
+  def rows(leaf):
+    return flatten_leaf(leaf)[bidx, flat]
+
+  if isinstance(v, QuantizedTensor):
+    if v.axis != "token":
+      raise ValueError(f"gather_values reads values quantized per token; these are quantized per {v.axis!r}")
+    return dequantize(QuantizedTensor(codes=rows(v.codes), scale=rows(v.scale), zero=rows(v.zero),
+                                      bits=v.bits, group=v.group, axis=v.axis))
+  return rows(v).astype(jnp.float32)

@@ -16,8 +16,7 @@ import jax.numpy as jnp
 from akv_jax import body as _body
 from akv_jax import validation
 from akv_jax.cache import CompressedKV, QuantizedTensor
-from akv_jax.quant import dequantize
-from pallas_kernels import decode_attention as _da
+from pallas_kernels import decode as _da
 
 
 def body_format(ckv: CompressedKV) -> _da.Format:
@@ -62,22 +61,6 @@ def supported(q: jax.Array, ckv: CompressedKV, return_probs: bool) -> bool:
   return True
 
 
-def _patch(ckv: CompressedKV, rows: int) -> jax.Array:
-  """Values of recent slots [0, value_fill - key_fill): body value slots key_fill + 0..rows-1, [B, K, rows, H]."""
-  slots = ckv.key_fill[..., None] + jnp.arange(rows, dtype=jnp.int32)
-  flat = _body.pool_index(ckv, slots)                                     # [B, K, rows] flat pool rows
-  bidx = jnp.arange(ckv.batch)[:, None, None]
-
-  def gather(leaf):
-    return _body.flatten_leaf(leaf)[bidx, flat]
-
-  v = ckv.body_v
-  if isinstance(v, QuantizedTensor):
-    return dequantize(QuantizedTensor(codes=gather(v.codes), scale=gather(v.scale), zero=gather(v.zero),
-                                      bits=v.bits, group=v.group, axis=v.axis))
-  return gather(v)
-
-
 def _nonempty(x: jax.Array) -> jax.Array:
   """A zero-slot segment becomes one slot (never read: its length is 0); Pallas blocks cannot be empty."""
   return x if x.shape[2] else jnp.zeros((*x.shape[:2], 1, *x.shape[3:]), x.dtype)
@@ -105,7 +88,8 @@ def attend(q: jax.Array, ckv: CompressedKV, *, scale: float | None = None, inter
     body_v = (ckv.body_v.codes, ckv.body_v.scale, ckv.body_v.zero) if fmt.value_bits != _da.RAW else ckv.body_v
   # Values run ahead of keys by fewer than one key group (decode.append's residual rule).
   patch_rows = fmt.key_group if (fmt.key_bits != _da.RAW and m) else 0
-  patch_v = _patch(ckv, patch_rows) if patch_rows else ckv.recent_v
+  slots = ckv.key_fill[..., None] + jnp.arange(patch_rows, dtype=jnp.int32)
+  patch_v = _body.gather_values(ckv, slots) if patch_rows else ckv.recent_v
   patch_len = ckv.value_fill - ckv.key_fill if patch_rows else jnp.zeros_like(ckv.key_fill)
   lengths = jnp.stack([jnp.broadcast_to(ckv.sink_fill[:, None], (b, kh)), ckv.key_fill, patch_len,
                        ckv.recent_fill], axis=-1)

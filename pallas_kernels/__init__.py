@@ -9,10 +9,12 @@ CompressedKV onto decode_attention and akv.attend(implementation=...) dispatches
   lowering           CUDA lowering with the Triton module verified, for CPU-only CI
 """
 
-from pallas_kernels.decode_attention import Format as Format
-from pallas_kernels.decode_attention import combine as combine
-from pallas_kernels.decode_attention import decode_attention as decode_attention
-from pallas_kernels.decode_attention import decode_attention_reference as decode_attention_reference
+from pallas_kernels.decode import Format as Format
+from pallas_kernels.decode import combine as combine
+from pallas_kernels.decode import decode_attention as decode_attention
+from pallas_kernels.decode import decode_attention_reference as decode_attention_reference
 from pallas_kernels.lowering import lower_for_cuda as lower_for_cuda
 from pallas_kernels.prefill_scores import prefill_attention as prefill_attention
 from pallas_kernels.prefill_scores import prefill_attention_reference as prefill_attention_reference
+from pallas_kernels.quantize import quantize_pack as quantize_pack
+from pallas_kernels.quantize import quantize_pack_reference as quantize_pack_reference

@@ -1,5 +1,5 @@
-"""akv.attend(implementation="pallas") == the XLA reference on caches built by compress and append, for every
-preset layout the kernel reads (interpret mode on CPU; the real kernel when a GPU is present)."""
+"""akv.attend(implementation="pallas") and the chunked XLA path == the reference on caches built by compress and
+append, for every preset layout (the kernel in interpret mode on CPU; the real kernel when a GPU is present)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import akv_jax as akv
-from akv_jax import fused, testing
+from akv_jax import chunked, fused, testing
 
 INTERPRET = jax.default_backend() != "gpu"
 B, K, N, H, S = 2, 2, 8, 64, 300
@@ -35,13 +35,17 @@ def test_pallas_matches_xla(preset, steps):
   if steps:  # the patch path is what this case is for: some values must have run ahead of their keys
     assert preset not in ("kivi2", "hybrid_8x") or int(jnp.max(ckv.value_fill - ckv.key_fill)) > 0
   got = akv.attend(q, ckv, implementation="pallas", interpret=INTERPRET)
-  want = akv.attend(q, ckv, implementation="xla")
+  want = akv.attend(q, ckv, implementation="reference")
   assert got.shape == want.shape and got.dtype == want.dtype
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
   # f32 outputs, to see past the bf16 rounding of the result.
   qf = q.astype(jnp.float32)
-  np.testing.assert_allclose(np.asarray(akv.attend(qf, ckv, implementation="pallas", interpret=INTERPRET)),
-                             np.asarray(akv.attend(qf, ckv, implementation="xla")), rtol=1e-4, atol=1e-4)
+  ref = np.asarray(akv.attend(qf, ckv, implementation="reference"))
+  np.testing.assert_allclose(np.asarray(akv.attend(qf, ckv, implementation="pallas", interpret=INTERPRET)), ref,
+                             rtol=1e-4, atol=1e-4)
+  # The chunked XLA path, with its default chunk and with small chunks (many steps, an overlapping last one).
+  np.testing.assert_allclose(np.asarray(akv.attend(qf, ckv, implementation="xla")), ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(chunked.attend(qf, ckv, chunk=96)), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_default_implementation_is_xla_on_cpu():

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import decode_attention as da
+from pallas_kernels import decode as da
 from pallas_kernels import lowering
 
 INTERPRET = jax.default_backend() != "gpu"

@@ -1,0 +1,152 @@
+"""Decode attention in XLA for one query token, reading the compressed body a chunk at a time.
+
+The reference (`attention._attend`) dequantizes the whole body to f32 before its two einsums, so on a CPU it
+moves more bytes than a dense bf16 cache would and compression buys no speed. This path keeps the work in
+cache-sized pieces: a loop over chunks of `chunk` body slots with an online softmax, and within a chunk the packed
+codes are unpacked one sub-block at a time (byte j holds head-dim elements j, j + H/n, ...; see QuantizedTensor),
+so each sub-block is a contiguous head-dim range that meets its slice of the query (keys) or of the output
+(values) in a small dot, with no interleaving reshape. Chunks past the longest row's key fill are not visited.
+
+It is what `akv.attend(..., implementation="xla")` runs for one query token without probabilities; the
+reference stays the definition tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from akv_jax import body as _body
+from akv_jax import validation
+from akv_jax.cache import CompressedKV, QuantizedTensor
+from akv_jax.quant import dequantize
+
+_MASKED = -1e30
+
+
+def _sub_blocks(codes: jax.Array, bits: int) -> list[jax.Array]:
+  """u8[..., H*bits/8] -> the 8/bits sub-blocks f32[..., H*bits/8], sub-block i = head dims [i H/n, (i+1) H/n)."""
+  c = codes.astype(jnp.int32)
+  return [((c >> (i * bits)) & ((1 << bits) - 1)).astype(jnp.float32) for i in range(8 // bits)]
+
+
+def _slice(x: jax.Array, start, size: int) -> jax.Array:
+  return jax.lax.dynamic_slice_in_dim(x, start, size, axis=2)
+
+
+def _scores(qg: jax.Array, k, start, c: int) -> jax.Array:
+  """qg f32[B, K, G, H] against body keys of slots [start, start + c) -> f32[B, K, G, c]."""
+  if not isinstance(k, QuantizedTensor):
+    return jnp.einsum("BKGH,BKSH->BKGS", qg, _slice(k, start, c).astype(jnp.float32))
+  if k.axis != "channel":
+    rows = QuantizedTensor(codes=_slice(k.codes, start, c), scale=_slice(k.scale, start, c),
+                           zero=_slice(k.zero, start, c), bits=k.bits, group=k.group, axis=k.axis)
+    return jnp.einsum("BKGH,BKSH->BKGS", qg, dequantize(rows))
+  b, kh, _, h = qg.shape
+  gk = k.group
+  scale = _slice(k.scale, start // gk, c // gk).astype(jnp.float32)[:, :, :, None]  # [B, K, c/gk, 1, H]
+  zero = _slice(k.zero, start // gk, c // gk).astype(jnp.float32)[:, :, :, None]
+  subs = _sub_blocks(_slice(k.codes, start, c), k.bits)
+  w = h // len(subs)
+  s = 0.0
+  for i, ci in enumerate(subs):
+    cols = slice(i * w, (i + 1) * w)
+    ki = ci.reshape(b, kh, c // gk, gk, w) * scale[..., cols] + zero[..., cols]
+    s = s + jnp.einsum("BKGH,BKSH->BKGS", qg[..., cols], ki.reshape(b, kh, c, w))
+  return s
+
+
+def _mix(p: jax.Array, v, start, c: int) -> jax.Array:
+  """p f32[B, K, G, c] times body values of slots [start, start + c) -> f32[B, K, G, H]."""
+  if not isinstance(v, QuantizedTensor) or v.axis != "token":
+    rows = (_slice(v, start, c) if not isinstance(v, QuantizedTensor) else dequantize(QuantizedTensor(
+        codes=_slice(v.codes, start, c), scale=_slice(v.scale, start // v.group, c // v.group),
+        zero=_slice(v.zero, start // v.group, c // v.group), bits=v.bits, group=v.group, axis=v.axis)))
+    return jnp.einsum("BKGS,BKSH->BKGH", p, rows.astype(jnp.float32))
+  b, kh = p.shape[:2]
+  gv = v.group
+  scale = _slice(v.scale, start, c).astype(jnp.float32)                  # [B, K, c, H/gv]
+  zero = _slice(v.zero, start, c).astype(jnp.float32)
+  subs = _sub_blocks(_slice(v.codes, start, c), v.bits)
+  w = v.codes.shape[-1]
+  outs = []
+  for i, ci in enumerate(subs):
+    if w >= gv:   # this sub-block spans w / gv whole scale columns
+      cols = slice(i * w // gv, (i + 1) * w // gv)
+      vi = (ci.reshape(b, kh, c, w // gv, gv) * scale[..., cols, None] + zero[..., cols, None]).reshape(b, kh, c, w)
+    else:         # one scale column covers gv / w sub-blocks
+      col = slice(i * w // gv, i * w // gv + 1)
+      vi = ci * scale[..., col] + zero[..., col]
+    outs.append(jnp.einsum("BKGS,BKSH->BKGH", p, vi))
+  return jnp.concatenate(outs, axis=-1)
+
+
+def _partial(s: jax.Array, valid: jax.Array):
+  """Masked scores f32[B, K, G, S'] -> (row max, exp weights, row sum)."""
+  s = jnp.where(valid[:, :, None], s, _MASKED)
+  m = jnp.max(s, axis=-1)
+  p = jnp.where(valid[:, :, None], jnp.exp(s - m[..., None]), 0.0)
+  return m, p, jnp.sum(p, axis=-1)
+
+
+def attend(q: jax.Array, ckv: CompressedKV, *, scale: float | None = None, chunk: int = 1024) -> jax.Array:
+  """Attention of q [B, N, H] (one token per row) over ckv -> [B, N, H] in q's dtype.
+
+  Args:
+    chunk: body slots per loop step (static); rounded down to whole key groups and to the body's capacity.
+  """
+  b, kh, h = validation.compressed(ckv)
+  validation.queries(q, b, kh, h, name="q", ranks=(3,))
+  n = q.shape[1]
+  g = n // kh
+  scale = 1.0 / math.sqrt(h) if scale is None else scale
+  qg = q.astype(jnp.float32).reshape(b, kh, g, h) * scale
+
+  # Sinks, then the recent window; its first value_fill - key_fill values already sit in the body.
+  bk = _body_heads(ckv)
+  m_cap = ckv.body_capacity
+  key_group = bk[0].group if isinstance(bk[0], QuantizedTensor) and bk[0].axis == "channel" else 1
+  r = ckv.recent_capacity
+  f = min(r, key_group) if (key_group > 1 and m_cap) else 0
+  recent_v = ckv.recent_v.astype(jnp.float32)
+  if f:
+    slot = jnp.arange(f)
+    ahead = slot[None, None, :] < (ckv.value_fill - ckv.key_fill)[..., None]
+    patch = _body.gather_values(ckv, ckv.key_fill[..., None] + slot)
+    recent_v = jnp.concatenate([jnp.where(ahead[..., None], patch, recent_v[:, :, :f]), recent_v[:, :, f:]], 2)
+  z = ckv.sink_k.shape[2]
+  keys = jnp.concatenate([ckv.sink_k, ckv.recent_k], axis=2).astype(jnp.float32)
+  values = jnp.concatenate([ckv.sink_v.astype(jnp.float32), recent_v], axis=2)
+  valid = jnp.concatenate([jnp.broadcast_to(jnp.arange(z)[None, None] < ckv.sink_fill[:, None, None], (b, kh, z)),
+                           jnp.arange(r)[None, None] < ckv.recent_fill[..., None]], axis=2)
+  m, p, l = _partial(jnp.einsum("BKGH,BKSH->BKGS", qg, keys), valid)
+  acc = jnp.einsum("BKGS,BKSH->BKGH", p, values)
+
+  if m_cap:
+    body_k, body_v = bk
+    c = max(key_group, min(chunk, m_cap) // key_group * key_group)
+    fill = ckv.key_fill
+
+    def step(i, carry):
+      m, l, acc = carry
+      start = jnp.minimum(i * c, m_cap - c)      # the last chunk may overlap the one before: mask the overlap
+      slot = start + jnp.arange(c)
+      ok = (slot[None, None] >= i * c) & (slot[None, None] < fill[..., None])
+      m_c, p, l_c = _partial(_scores(qg, body_k, start, c), ok)
+      m_new = jnp.maximum(m, m_c)
+      a, a_c = jnp.exp(m - m_new), jnp.exp(m_c - m_new)
+      return m_new, l * a + l_c * a_c, acc * a[..., None] + _mix(p, body_v, start, c) * a_c[..., None]
+
+    chunks = (jnp.max(fill) + c - 1) // c
+    m, l, acc = jax.lax.fori_loop(0, chunks, step, (m, l, acc))
+  out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+  return out.reshape(b, n, h).astype(q.dtype)
+
+
+def _body_heads(ckv: CompressedKV):
+  """Body keys and values in per-head layout (a paged pool is gathered: a copy of the compressed bytes)."""
+  if not ckv.paged:
+    return ckv.body_k, ckv.body_v
+  return jax.tree_util.tree_map(lambda leaf: _body.to_heads(ckv, leaf), (ckv.body_k, ckv.body_v))
