@@ -20,10 +20,12 @@ run: setup
 test: setup
 	$(PY) -m pytest tests
 
-# Regenerates every result file the README quotes (about 5 minutes on a 2-core CPU).
+# Regenerates every CPU result file the README quotes (about 12 minutes on a 2-core CPU). GPU results come from
+# experiments/gpu_check.sh on a GPU machine.
 results: setup
 	$(PY) experiments/preset_ratios.py --out experiments/results/preset_ratios.json
 	$(PY) experiments/synthetic.py --out out/artifacts/synthetic_8k --dtype bfloat16 --seq_len 8192 --layers 8 \
 	  --kv_heads 8 --q_heads 32 --head_dim 128 --batch 1 --seed 0
 	$(PY) experiments/run_quality_benchmarks.py out/artifacts/synthetic_8k --no_progress \
 	  --out experiments/results/quality_synthetic_8k.json
+	$(PY) experiments/bench_cpu_attention.py --out experiments/results/bench_cpu_attention.json

@@ -1,8 +1,8 @@
 """Loading the tiny model experiments/train_tiny.py trains on akv_jax.tasks.
 
 A trained model is a directory with config.json (LlamaConfig fields) and an orbax checkpoint of the params (the
-training log and final scores sit beside them). The shipped one goes in akv_jax/models/default/ once a training
-run meets the bar; until then load_default() without a path raises, naming the command that trains one.
+training log and final scores sit beside them). The shipped one is akv_jax/models/default/ (trained on a GPU;
+its scores.json says how well it does); a directory without a model raises, naming the command that trains one.
 """
 
 from __future__ import annotations
