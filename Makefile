@@ -1,5 +1,5 @@
 # Two entry points that work on a fresh machine with Python 3.11 and pip:
-#   make run    set up .venv and run the main job (proxy quality harness, embedded default config)
+#   make run    set up .venv and run the main job (hybrid_8x vs the full cache on the shipped model)
 #   make test   set up .venv and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -29,3 +29,4 @@ results: setup
 	$(PY) experiments/run_quality_benchmarks.py out/artifacts/synthetic_8k --no_progress \
 	  --out experiments/results/quality_synthetic_8k.json
 	$(PY) experiments/bench_cpu_attention.py --out experiments/results/bench_cpu_attention.json
+	$(PY) experiments/sweep.py --out experiments/results/sweep_2048 --no_progress

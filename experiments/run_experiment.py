@@ -1,27 +1,34 @@
-"""The main experiment job: one policy against a baseline on a KV artifact, from a YAML config.
+"""The main job: a compression policy against the full cache on a model, on the RULER-style tasks.
 
-Usage:
-  python experiments/run_experiment.py --config experiments/hybrid_8x.yaml [--out DIR] [--set key=value ...]
-      [--tiny]
+    python experiments/run_experiment.py --config experiments/hybrid_8x.yaml [--out DIR] [--set key=value ...]
+        [--tiny] [--model_path DIR]
 
-Config fields (anything else is an error that names it):
-  policy:         preset name to evaluate (required; see akv_jax.presets.names()).
-  baseline:       preset name to compare against (default "full").
-  artifact:       SyntheticConfig fields (seq_len, layers, batch, kv_heads, q_heads, head_dim, window,
-                  test_queries, seed, and the structure knobs of experiments/synthetic.py): generate the artifact.
-  artifact_path:  or load one written by experiments/synthetic.py (.npz or orbax directory).
-  out:            output directory (default out/<policy>); --out overrides it.
+One run evaluates the baseline (default: the full cache) and the policy on identical prompts and measures, for
+each: accuracy per task and prompt length, KV bytes held and the compression ratio (from the arrays), peak device
+memory where the backend reports it, and TTFT / TPOT / tokens per second at several batch sizes after warm-up
+(experiments/model_eval.py says exactly how). It writes DIR/results.json (schema in the README), DIR/report.md
+and DIR/accuracy.png, DIR/speed.png. experiments/summarize.py plots several runs against each other.
 
-Overrides are applied in order: the YAML file, then --tiny (a ~20 s smoke run: a tiny generated artifact, output
-to <out>-tiny unless --out is given), then each --set (dotted keys, YAML-typed values: --set artifact.seq_len=1024).
-Writes DIR/results.json (see run_quality_benchmarks.py, plus the resolved config) and DIR/report.md.
+Config fields (anything else is an error naming it):
+  policy          preset to evaluate (akv_jax.presets.names()); baseline: preset to compare with (default full)
+  model           "default" (the shipped model, akv_jax/models/default) or a directory written by train_tiny.py
+  dtype           model and cache dtype for the run (default bfloat16, as served)
+  tasks           task names (default: all of akv_jax.tasks.TASK_NAMES)
+  lengths         prompt lengths in tokens (default [2048], the shipped model's context)
+  samples, batch  prompts per task and length, and rows per generate call
+  speed_batches   batch sizes for TTFT / TPOT; speed_length: their prompt length; decode_steps; reps
+  seed            prompt seed; out: output directory
+Overrides apply in order: the YAML, then --tiny (a smoke run at length 256), then each --set key=value.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import pathlib
+import platform
 import sys
 import time
 from typing import Any
@@ -29,143 +36,182 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repo root importable, as `python -m` would
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import jax
+import matplotlib
 import yaml
 
-import akv_jax as akv
-from experiments import run_quality_benchmarks as rqb
-from experiments import synthetic
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
-FIELDS = ("policy", "baseline", "artifact", "artifact_path", "out")
-# Smallest artifact every preset accepts: S must hold the hybrid presets' 4 sinks + 128-token recent window at
-# keep=0.4, and W the SnapKV window of 32.
-TINY_ARTIFACT = dict(seq_len=512, layers=2, batch=2, kv_heads=2, q_heads=4, head_dim=64, window=32,
-                     test_queries=4, min_length_frac=0.75)
+import akv_jax as akv  # noqa: E402
+from akv_jax import models, tasks  # noqa: E402
+from experiments import model_eval  # noqa: E402
+from experiments.run_proxy_experiment import apply_set  # noqa: E402
 
 
-@dataclasses.dataclass(frozen=True)
-class ExperimentConfig:
-  """A resolved, validated experiment config."""
-
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
   policy: str
-  baseline: str
-  artifact: synthetic.SyntheticConfig | None
-  artifact_path: str | None
-  out: str
+  baseline: str = "full"
+  model: str = "default"
+  dtype: str = "bfloat16"
+  tasks: tuple[str, ...] = tuple(tasks.TASK_NAMES)
+  lengths: tuple[int, ...] = (2048,)
+  samples: int = 16
+  batch: int = 8
+  speed_batches: tuple[int, ...] = (1, 4, 8)
+  speed_length: int = 2048
+  decode_steps: int = 16
+  reps: int = 3
+  seed: int = 0
+  out: str = ""
 
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+  def __post_init__(self):
+    for field in ("policy", "baseline"):
+      try:
+        akv.presets.get(getattr(self, field))
+      except ValueError as e:
+        raise ValueError(f"config field {field}: {e}") from None
+    for name in self.tasks:
+      tasks.get_task(name)
+    if self.dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"config field dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+    for field in ("samples", "batch", "decode_steps", "reps", "speed_length"):
+      if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+        raise ValueError(f"config field {field}={getattr(self, field)!r} must be an int >= 1")
+    for field in ("lengths", "speed_batches"):
+      values = getattr(self, field)
+      if not values or any(not isinstance(v, int) or v < 1 for v in values):
+        raise ValueError(f"config field {field}={list(values)!r} must be a non-empty list of ints >= 1")
 
 
-def apply_set(raw: dict[str, Any], assignment: str) -> None:
-  """Applies one `dotted.key=value` override to a raw config dict in place; the value is parsed as YAML."""
-  key, sep, text = assignment.partition("=")
-  if not sep or not key:
-    raise ValueError(f"--set {assignment!r} must look like key=value (e.g. artifact.seq_len=1024)")
-  value = yaml.safe_load(text) if text else None
-  *parents, leaf = key.split(".")
-  node = raw
-  for i, part in enumerate(parents):
-    child = node.setdefault(part, {})
-    if not isinstance(child, dict):
-      raise ValueError(f"--set {assignment!r}: {'.'.join(parents[:i + 1])} is {child!r}, not a mapping")
-    node = child
-  node[leaf] = value
+TINY = dict(lengths=[256], samples=2, batch=7, speed_batches=[1, 2], speed_length=256, decode_steps=3, reps=1)
 
 
-def resolve(raw: dict[str, Any], *, source: str = "config") -> ExperimentConfig:
-  """Validates a raw config dict; errors name the offending field and value."""
+def load_config(path: str, *, sets: tuple[str, ...] = (), tiny: bool = False) -> RunConfig:
+  raw = yaml.safe_load(pathlib.Path(path).read_text()) or {}
   if not isinstance(raw, dict):
-    raise ValueError(f"{source} must be a mapping of {FIELDS}, got {type(raw).__name__}")
-  unknown = [k for k in raw if k not in FIELDS]
-  if unknown:
-    raise ValueError(f"unknown config field {unknown[0]!r} in {source}; known fields: {', '.join(FIELDS)}")
-  if raw.get("policy") is None:
-    raise ValueError(f"{source} needs a 'policy' field naming a preset ({', '.join(akv.presets.names())})")
-  names = {}
-  for field in ("policy", "baseline"):
-    name = raw.get(field, "full")
-    if not isinstance(name, str):
-      raise ValueError(f"config field {field} must be a preset name, got {name!r}")
-    try:
-      akv.presets.get(name)
-    except ValueError as e:
-      raise ValueError(f"config field {field}: {e}") from None
-    names[field] = name
-  artifact, path = raw.get("artifact"), raw.get("artifact_path")
-  if artifact is not None and path is not None:
-    raise ValueError(f"{source} gives both artifact and artifact_path={path!r}; keep one")
-  if path is not None and not isinstance(path, str):
-    raise ValueError(f"config field artifact_path must be a path, got {path!r}")
-  if artifact is not None and not isinstance(artifact, dict):
-    raise ValueError(f"config field artifact must be a mapping of {synthetic.field_names()}, got {artifact!r}")
-  cfg = None if path is not None else synthetic.config_from_dict(artifact or {})
-  out = raw.get("out") or f"out/{names['policy']}"
-  return ExperimentConfig(policy=names["policy"], baseline=names["baseline"], artifact=cfg, artifact_path=path,
-                          out=str(out))
-
-
-def load_config(path: str, *, sets: tuple[str, ...] = (), tiny: bool = False) -> ExperimentConfig:
-  """Reads the YAML at `path`, applies --tiny then the --set overrides, and validates."""
-  text = pathlib.Path(path).read_text()
-  raw = yaml.safe_load(text) or {}
-  if not isinstance(raw, dict):
-    raise ValueError(f"{path} must hold a mapping of {FIELDS}, got {type(raw).__name__}")
+    raise ValueError(f"{path} must hold a mapping of config fields, got {type(raw).__name__}")
   if tiny:
-    if raw.get("artifact_path") is not None:
-      raise ValueError(f"--tiny shrinks the generated artifact; {path} loads artifact_path="
-                       f"{raw['artifact_path']!r} instead")
-    raw["artifact"] = {**(raw.get("artifact") or {}), **TINY_ARTIFACT}
+    raw.update(TINY)
   for assignment in sets:
     apply_set(raw, assignment)
-  cfg = resolve(raw, source=path)
+  fields = {f.name for f in dataclasses.fields(RunConfig)}
+  unknown = sorted(set(raw) - fields)
+  if unknown:
+    raise ValueError(f"unknown config field(s) {unknown} in {path}; known: {sorted(fields)}")
+  if raw.get("policy") is None:
+    raise ValueError(f"{path} needs a 'policy' field naming a preset ({', '.join(akv.presets.names())})")
+  raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+  cfg = RunConfig(**raw)
+  out = cfg.out or f"out/{cfg.policy}"
   if tiny and not any(s.startswith("out=") for s in sets):
-    cfg = dataclasses.replace(cfg, out=f"{cfg.out}-tiny")  # never overwrite the full run's results
-  return cfg
+    out += "-tiny"   # never overwrite a full run's results
+  return dataclasses.replace(cfg, out=out)
 
 
-def report_markdown(results: dict, cfg: ExperimentConfig, command: str) -> str:
-  machine = results["machine"]
-  lines = [
-      f"# {cfg.policy} vs {cfg.baseline}",
-      "",
-      f"Command: `{command}`",
-      "",
-      f"Artifact: {results['artifact']['path'] or 'generated'}, {results['artifact']['shape']}",
-      "",
-      f"Machine: {machine['device_kind']} ({machine['backend']}), {machine['machine']} "
-      f"{machine['processor'] or ''}, {machine['cpu_count']} cores, jax {machine['jax']}; "
-      f"total {results['seconds']:.1f} s (generation {results['generate_seconds']:.1f} s)",
-      "",
-      "Ratio: bf16 dense bytes / bytes held, over all layers. Errors and attention masses: means over layers; "
-      "out err: attention output relative error of each test query (one token after the prompt), averaged.",
-      "",
-      rqb.markdown_table(results),
-      "",
-  ]
-  for name, entry in results["policies"].items():
-    lines += [f"## {name} per layer", "", rqb.markdown_layers(entry), ""]
-  lines += ["## Config", "", "```yaml", yaml.safe_dump(results["config"], sort_keys=False).rstrip(), "```", ""]
-  return "\n".join(lines)
+def load_model(cfg: RunConfig, model_path: str | None):
+  if model_path is not None:
+    # A Hugging Face checkpoint has its own tokenizer, not akv_jax.tasks' synthetic vocabulary: these tasks would
+    # have to be rendered as text and scored from decoded text, which this runner does not do yet.
+    raise ValueError(f"--model_path={model_path}: the RULER-style tasks here use the synthetic vocabulary of "
+                     "akv_jax.tasks; evaluating a Hugging Face checkpoint on them needs a text rendering of the "
+                     "tasks, which is not implemented (use the LongBench runner for real checkpoints)")
+  config, params = models.load_default(None if cfg.model == "default" else cfg.model)
+  need = max(max(cfg.lengths), cfg.speed_length) + max(cfg.decode_steps,
+                                                      max(tasks.get_task(t).max_answer_length() for t in cfg.tasks))
+  if need > config.max_seq_len:
+    raise ValueError(f"lengths {list(cfg.lengths)} / speed_length {cfg.speed_length} plus decoding need {need} "
+                     f"positions; the model has max_seq_len={config.max_seq_len}")
+  return model_eval.cast_model(config, params, cfg.dtype)
 
 
-def run(cfg: ExperimentConfig, *, out: str | None = None, command: str = "", show_progress: bool = True) -> dict:
-  """Runs the experiment and writes results.json and report.md into `out` (default cfg.out)."""
-  out_dir = pathlib.Path(out or cfg.out)
+def machine() -> dict[str, Any]:
+  dev = jax.devices()[0]
+  return dict(device_kind=dev.device_kind, backend=jax.default_backend(), machine=platform.machine(),
+              processor=platform.processor(), cpu_count=os.cpu_count(), jax=jax.__version__)
+
+
+def evaluate(cfg: RunConfig, config, params, prompts, name: str, *, progress: bool) -> dict:
+  policy = akv.presets.get(name)
   start = time.perf_counter()
-  if cfg.artifact_path is not None:
-    artifact = synthetic.load_artifact(cfg.artifact_path)
-  else:
-    artifact = synthetic.generate(cfg.artifact)
-  generated = time.perf_counter()
-  policies = [cfg.baseline] if cfg.baseline == cfg.policy else [cfg.baseline, cfg.policy]
-  results = rqb.run(artifact, policies, artifact_path=cfg.artifact_path, show_progress=show_progress)
-  results["config"] = cfg.to_dict()
-  results["command"] = command
-  results["generate_seconds"] = generated - start
-  results["seconds"] = time.perf_counter() - start
-  out_dir.mkdir(parents=True, exist_ok=True)
-  rqb.write_json(results, out_dir / "results.json")
-  (out_dir / "report.md").write_text(report_markdown(results, cfg, command))
+  entry = model_eval.accuracy(config, params, policy, prompts, progress=progress)
+  entry["speed"] = model_eval.speed(config, params, policy, cfg.speed_batches, cfg.speed_length,
+                                    cfg.decode_steps, cfg.reps, cfg.seed + 1, progress=progress)
+  entry["peak_device_bytes"] = model_eval.peak_memory()
+  entry["seconds"] = round(time.perf_counter() - start, 1)
+  return entry
+
+
+def report(results: dict) -> str:
+  cfg, base, pol = results["config"], results["baseline"], results["policy"]
+  lines = [f"# {cfg['policy']} vs {cfg['baseline']}", "", f"Command: `{results['command']}`", "",
+           f"Model: {results['model']}; machine: {results['machine']['device_kind']} "
+           f"({results['machine']['backend']}), {results['machine']['cpu_count']} cores, jax "
+           f"{results['machine']['jax']}", ""]
+  for length in base["accuracy"]:
+    names = list(base["accuracy"][length])
+    lines += [f"## Accuracy at {length} tokens", "", "| | " + " | ".join(names) + " |",
+              "|---|" + "---:|" * len(names)]
+    for label, entry in ((cfg["baseline"], base), (cfg["policy"], pol)):
+      lines.append(f"| {label} | " + " | ".join(f"{entry['accuracy'][length][n]:.3f}" for n in names) + " |")
+    lines.append("")
+  lines += ["## Memory and speed", "",
+            f"KV bytes held: {cfg['baseline']} {base['bytes_held']:,}, {cfg['policy']} {pol['bytes_held']:,} "
+            f"(dense {pol['dense_bytes']:,}); ratio {pol['compression_ratio']}x "
+            f"({cfg['baseline']}: {base['compression_ratio']}x). Retained accuracy: {results['retained']}.", "",
+            "| policy | batch | TTFT ms | TPOT ms | tokens/s | cache bytes |", "|---|---:|---:|---:|---:|---:|"]
+  for label, entry in ((cfg["baseline"], base), (cfg["policy"], pol)):
+    for r in entry["speed"]:
+      lines.append(f"| {label} | {r['batch']} | {r['ttft_ms']} | {r['tpot_ms']} | {r['tokens_per_s']} | "
+                   f"{r['cache_bytes']:,} |")
+  return "\n".join(lines) + "\n"
+
+
+def plots(results: dict, out: pathlib.Path) -> None:
+  cfg, base, pol = results["config"], results["baseline"], results["policy"]
+  length = next(iter(base["accuracy"]))
+  names = [n for n in base["accuracy"][length] if n != "average"] + ["average"]
+  fig, ax = plt.subplots(figsize=(9, 3.5))
+  x = range(len(names))
+  ax.bar([i - 0.2 for i in x], [base["accuracy"][length][n] for n in names], 0.4, label=cfg["baseline"])
+  ax.bar([i + 0.2 for i in x], [pol["accuracy"][length][n] for n in names], 0.4,
+         label=f"{cfg['policy']} ({pol['compression_ratio']}x)")
+  ax.set_xticks(list(x), names, rotation=30, ha="right")
+  ax.set_ylabel(f"accuracy at {length} tokens")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out / "accuracy.png", dpi=120)
+  plt.close(fig)
+  fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+  for ax, key, label in zip(axes, ("ttft_ms", "tpot_ms", "tokens_per_s"), ("TTFT (ms)", "TPOT (ms)", "tokens/s")):
+    for name, entry in ((cfg["baseline"], base), (cfg["policy"], pol)):
+      ax.plot([r["batch"] for r in entry["speed"]], [r[key] for r in entry["speed"]], "o-", label=name)
+    ax.set_xlabel("batch")
+    ax.set_ylabel(label)
+  axes[0].legend()
+  fig.tight_layout()
+  fig.savefig(out / "speed.png", dpi=120)
+  plt.close(fig)
+
+
+def run(cfg: RunConfig, *, command: str = "", model_path: str | None = None, progress: bool = True) -> dict:
+  config, params = load_model(cfg, model_path)
+  prompts = model_eval.draw_prompts(cfg.tasks, cfg.lengths, cfg.samples, cfg.batch, cfg.seed)
+  base = evaluate(cfg, config, params, prompts, cfg.baseline, progress=progress)
+  pol = base if cfg.policy == cfg.baseline else evaluate(cfg, config, params, prompts, cfg.policy, progress=progress)
+  retained = {length: round(pol["accuracy"][length]["average"] / base["accuracy"][length]["average"], 4)
+              if base["accuracy"][length]["average"] > 0 else None for length in base["accuracy"]}
+  results = dict(command=command, config=dataclasses.asdict(cfg), machine=machine(),
+                 model=dict(source=cfg.model, dtype=cfg.dtype, params=int(sum(x.size for x in
+                                                                             jax.tree_util.tree_leaves(params))),
+                            layers=config.num_layers, kv_heads=config.num_kv_heads, head_dim=config.hd),
+                 baseline=base, policy=pol, retained=retained)
+  out = pathlib.Path(cfg.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+  (out / "report.md").write_text(report(results))
+  plots(results, out)
   return results
 
 
@@ -175,19 +221,20 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--config", required=True, help="YAML config, e.g. experiments/hybrid_8x.yaml")
   parser.add_argument("--out", default=None, help="output directory (overrides the config's out)")
   parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config field, dotted for nested ones (repeatable)")
-  parser.add_argument("--tiny", action="store_true", help="tiny smoke run (~20 s)")
-  parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
+                      help="override a config field (repeatable)")
+  parser.add_argument("--tiny", action="store_true", help="smoke run at length 256")
+  parser.add_argument("--model_path", default=None, help="a Hugging Face Llama checkpoint directory")
+  parser.add_argument("--no_progress", action="store_true")
   args = parser.parse_args(argv)
+  sets = tuple(args.sets) + ((f"out={args.out}",) if args.out else ())
   try:
-    cfg = load_config(args.config, sets=tuple(args.sets), tiny=args.tiny)
+    cfg = load_config(args.config, sets=sets, tiny=args.tiny)
+    results = run(cfg, command=" ".join(["python experiments/run_experiment.py", *argv]),
+                  model_path=args.model_path, progress=not args.no_progress)
   except (ValueError, OSError) as e:
     raise SystemExit(f"error: {e}") from e
-  command = " ".join(["python experiments/run_experiment.py", *argv])
-  results = run(cfg, out=args.out, command=command, show_progress=not args.no_progress)
-  out_dir = pathlib.Path(args.out or cfg.out)
-  print(rqb.format_table(results))
-  print(f"{results['seconds']:.1f} s; wrote {out_dir / 'results.json'} and {out_dir / 'report.md'}")
+  print(report(results))
+  print(f"wrote {cfg.out}/results.json, report.md, accuracy.png, speed.png")
   return results
 
 

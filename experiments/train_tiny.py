@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 import akv_jax as akv
 from akv_jax import models, tasks
-from experiments.run_experiment import apply_set
+from experiments.run_proxy_experiment import apply_set
 
 WORD_TASKS = ("common_words", "frequent_words")
 

@@ -23,7 +23,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
-from experiments import run_experiment, run_quality_benchmarks, synthetic  # noqa: E402
+from experiments import run_proxy_experiment as run_experiment, run_quality_benchmarks, synthetic  # noqa: E402
 TINY = synthetic.SyntheticConfig(**run_experiment.TINY_ARTIFACT, seed=3)
 
 
@@ -264,7 +264,7 @@ def test_quality_benchmark_cli_error(npz_path):
 def test_shipped_config_tiny_run(tmp_path):
   # The exact command of the config's header, through a subprocess: also checks the script's import bootstrap.
   out = tmp_path / "run"
-  proc = subprocess.run([sys.executable, "experiments/run_experiment.py", "--config", "experiments/hybrid_8x.yaml",
+  proc = subprocess.run([sys.executable, "experiments/run_proxy_experiment.py", "--config", "experiments/proxy_hybrid_8x.yaml",
                          "--tiny", "--out", str(out), "--no_progress"], cwd=REPO, capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 0, proc.stderr
@@ -279,9 +279,9 @@ def test_shipped_config_tiny_run(tmp_path):
 
 
 def test_shipped_config_header_names_its_command():
-  text = (REPO / "experiments" / "hybrid_8x.yaml").read_text()
-  assert "python experiments/run_experiment.py --config experiments/hybrid_8x.yaml" in text
-  cfg = run_experiment.load_config(str(REPO / "experiments" / "hybrid_8x.yaml"))
+  text = (REPO / "experiments" / "proxy_hybrid_8x.yaml").read_text()
+  assert "python experiments/run_proxy_experiment.py --config experiments/proxy_hybrid_8x.yaml" in text
+  cfg = run_experiment.load_config(str(REPO / "experiments" / "proxy_hybrid_8x.yaml"))
   assert cfg.policy == "hybrid_8x" and cfg.baseline == "full" and cfg.artifact.seq_len == 8192
 
 
