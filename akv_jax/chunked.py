@@ -78,11 +78,10 @@ def _scores(qg: jax.Array, k, start, c: int, _slice=_slice) -> jax.Array:
 
 def _mix(p: jax.Array, v, start, c: int, _slice=_slice) -> jax.Array:
   """p f32[B, K, G, c] times body values of slots [start, start + c) -> f32[B, K, G, H]."""
-  if not isinstance(v, QuantizedTensor) or v.axis != "token":
-    rows = (_slice(v, start, c) if not isinstance(v, QuantizedTensor) else dequantize(QuantizedTensor(
-        codes=_slice(v.codes, start, c), scale=_slice(v.scale, start // v.group, c // v.group),
-        zero=_slice(v.zero, start // v.group, c // v.group), bits=v.bits, group=v.group, axis=v.axis)))
-    return jnp.einsum("BKGS,BKSH->BKGH", p, rows.astype(jnp.float32))
+  if not isinstance(v, QuantizedTensor):
+    return jnp.einsum("BKGS,BKSH->BKGH", p, _slice(v, start, c).astype(jnp.float32))
+  if v.axis != "token":  # policies quantize values per token only (KIVI); see Policy
+    raise ValueError(f"chunked attention reads values quantized per token; these are per {v.axis!r}")
   b, kh = p.shape[:2]
   gv = v.group
   scale = _slice(v.scale, start, c).astype(jnp.float32)                  # [B, K, c, H/gv]

@@ -80,10 +80,11 @@ def main(argv=None) -> dict:
     q = testing.random_queries(2, b=b, n=n, t=None, h=h, dtype=jnp.bfloat16)
     caches = {name: akv.compress(kv, akv.presets.get(name), queries=q_obs, layer=layers // 2, num_layers=layers)
               for name in args.policies.split(",")}
-    fns = {"dense": lambda: dense_fn(q, kv.k, kv.v, kv.lengths), "sdpa": lambda: sdpa_fn(q, kv.k, kv.v)}
+    fns = {"dense": lambda kv=kv, q=q: dense_fn(q, kv.k, kv.v, kv.lengths),
+           "sdpa": lambda kv=kv, q=q: sdpa_fn(q, kv.k, kv.v)}
     for name, ckv in caches.items():
       for impl, fn in attend.items():
-        fns[f"{name}/{impl}"] = lambda fn=fn, ckv=ckv: fn(q, ckv)
+        fns[f"{name}/{impl}"] = lambda fn=fn, ckv=ckv, q=q: fn(q, ckv)
     times = interleaved_ms(fns, reps)
     best = [min(d, s_) for d, s_ in zip(times["dense"], times["sdpa"])]
     med = {name: statistics.median(t) for name, t in times.items()}
