@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -262,12 +261,15 @@ def validate(q, sink_k, body_k, body_v, recent_k, patch_v, lengths, page_table, 
                      [body_k] if fmt.key_bits == RAW else body_k):
     if x.ndim != 4 or x.shape[:2] != (b, heads):
       raise ValueError(f"{name} must be [B={b}, {heads}, ...], got shape {x.shape}")
+  for name, x in zip(("body value", "body value scale", "body value zero") if fmt.value_bits != RAW else
+                     ("body value",), [body_v] if fmt.value_bits == RAW else body_v):
+    if x.ndim != 4 or x.shape[:2] != (b, heads):
+      raise ValueError(f"{name} must be [B={b}, {heads}, ...], got shape {x.shape}")
   m = (body_k if fmt.key_bits == RAW else body_k[0]).shape[2]
   if fmt.key_bits != RAW and m % fmt.key_group:
     raise ValueError(f"body capacity {m} is not a multiple of key_group={fmt.key_group}")
   if page_table is not None and page_table.shape[:2] != (b, kh):
     raise ValueError(f"page_table must be i32[B={b}, K={kh}, P_max], got shape {page_table.shape}")
-  del body_v
 
 
 def default_splits(fmt: Format, capacity: int, programs: int) -> int:
@@ -412,7 +414,3 @@ def decode_attention_reference(q, sink_k, sink_v, body_k, body_v, recent_k, rece
   total = jnp.sum(p, axis=-1, keepdims=True)
   o = jnp.einsum("BKGS,BKSH->BKGH", p, values, precision=jax.lax.Precision.HIGHEST)
   return o / jnp.where(total > 0, total, 1.0)
-
-
-def softmax_scale(h: int) -> float:
-  return 1.0 / math.sqrt(h)

@@ -156,3 +156,21 @@ def test_errors():
     da.decode_attention(**inputs, fmt=fmt, side_block=24, interpret=True)
   with pytest.raises(ValueError, match="body capacity 80 is not a multiple of key_group=32"):
     da.decode_attention(**make_inputs(0, m=80, fmt=fmt), fmt=fmt, interpret=True)
+  with pytest.raises(ValueError, match=r"body value must be \[B=2, 2, ...\], got shape \(2, 1, 96, 16\)"):
+    da.decode_attention(**{**inputs, "body_v": tuple(x[:, :1] for x in inputs["body_v"])}, fmt=fmt, interpret=True)
+  with pytest.raises(ValueError, match=r"body key must be \[B=2, 2, ...\]"):
+    da.decode_attention(**{**inputs, "body_k": tuple(x[:, :1] for x in inputs["body_k"])}, fmt=fmt, interpret=True)
+  with pytest.raises(ValueError, match=r"sink_k must be \[B=2, K=2, \*, H=64\], got shape \(2, 2, 4, 32\)"):
+    da.decode_attention(**{**inputs, "sink_k": inputs["sink_k"][..., :32]}, fmt=fmt, interpret=True)
+  with pytest.raises(ValueError, match="G=256 query heads per kv head is more than this kernel handles"):
+    da.decode_attention(**{**inputs, "q": jnp.zeros((2, 2, 256, 64))}, fmt=fmt, interpret=True)
+  with pytest.raises(ValueError, match="head dim H=96 must be a power of 2"):
+    da.decode_attention(**{**inputs, "q": jnp.zeros((2, 2, 4, 96))}, fmt=fmt, interpret=True)
+  with pytest.raises(ValueError, match="head dim H=64 is not a multiple of value_group=128"):
+    da.decode_attention(**inputs, fmt=da.Format(key_bits=2, value_bits=8, value_group=128), interpret=True)
+  with pytest.raises(ValueError, match="page_table is given but page_size=0"):
+    da.decode_attention(**{**inputs, "page_table": jnp.zeros((2, 2, 3), jnp.int32)}, fmt=fmt, interpret=True)
+  paged = da.Format(key_bits=2, value_bits=2, page_size=32)
+  pin = make_inputs(0, fmt=paged, pages=8)
+  with pytest.raises(ValueError, match=r"page_table must be i32\[B=2, K=2, P_max\], got shape \(2, 1, 4\)"):
+    da.decode_attention(**{**pin, "page_table": pin["page_table"][:, :1]}, fmt=paged, interpret=True)
