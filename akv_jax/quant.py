@@ -93,7 +93,20 @@ def _round_toward(x16: jax.Array, target: jax.Array, direction: float) -> jax.Ar
   return jnp.where(past, jnp.nextafter(x16, jnp.asarray(direction * jnp.inf, x16.dtype)), x16)
 
 
-def quantize(x: jax.Array, spec: QuantSpec, valid: jax.Array | None = None) -> QuantizedTensor:
+def _pallas_ok(x: jax.Array, spec: QuantSpec) -> str | None:
+  """Why the fused kernel cannot quantize x, or None when it can."""
+  if x.ndim != 4:
+    return f"x must be [B, K, S, H] for the kernel, got shape {x.shape}"
+  h = x.shape[-1]
+  if h & (h - 1) or spec.group & (spec.group - 1):
+    return f"the kernel needs a power-of-2 head dim and group, got H={h}, group={spec.group}"
+  if spec.axis == "channel" and x.shape[2] % spec.group:
+    return f"token axis {x.shape[2]} is not a multiple of the key group {spec.group}"
+  return None
+
+
+def quantize(x: jax.Array, spec: QuantSpec, valid: jax.Array | None = None, *, implementation: str | None = None,
+             interpret: bool = False) -> QuantizedTensor:
   """Quantizes and packs x: [..., S, H].
 
   Args:
@@ -101,7 +114,32 @@ def quantize(x: jax.Array, spec: QuantSpec, valid: jax.Array | None = None) -> Q
     spec: bits, group and axis.
     valid: bool[..., S] or None. Invalid tokens (padding, empty slots) never enter a group's min/max; their
       codes are 0. A group with no valid token gets scale 0 and zero 0.
+    implementation: "xla" (this function's jnp code), "pallas" (pallas_kernels.quantize_pack, bit-identical,
+      for x [B, K, S, H] with every token valid: valid=None), or None: Pallas on a GPU where it applies, XLA
+      otherwise (decode.append's per-token and per-group writes qualify). An explicit "pallas" that cannot run
+      raises.
+    interpret: run the kernel in interpret mode (CPU tests).
   """
+  match implementation:
+    case None:
+      use_pallas = jax.default_backend() == "gpu" and valid is None and _pallas_ok(x, spec) is None
+    case "xla":
+      use_pallas = False
+    case "pallas":
+      why = "pass valid=None (the kernel takes every token as valid)" if valid is not None else _pallas_ok(x, spec)
+      if why is None and jax.default_backend() != "gpu" and not interpret:
+        why = f"it needs a GPU (this backend is {jax.default_backend()!r}); pass interpret=True on CPU"
+      if why is not None:
+        raise ValueError(f"quantize(implementation='pallas'): {why}")
+      use_pallas = True
+    case _:
+      raise ValueError(f"implementation={implementation!r} is not one of None, 'xla', 'pallas'")
+  if use_pallas:
+    from pallas_kernels import quantize as _kernel  # noqa: PLC0415 (kernels load only when used)
+    b, k, s, _ = x.shape
+    codes, scale, zero = _kernel.quantize_pack(x, jnp.full((b, k), s, jnp.int32), bits=spec.bits, group=spec.group,
+                                               axis=spec.axis, interpret=interpret)
+    return QuantizedTensor(codes=codes, scale=scale, zero=zero, bits=spec.bits, group=spec.group, axis=spec.axis)
   xf = x.astype(jnp.float32)
   if valid is None:
     valid = jnp.ones(x.shape[:-1], bool)

@@ -338,3 +338,29 @@ def test_reference_accepts_non_power_of_2_shapes():
   x = jax.random.normal(jax.random.key(0), (1, 1, 48, 96))
   codes, scale, zero = qp.quantize_pack_reference(x, jnp.array([[40]]), bits=4, group=24, axis="channel")
   assert codes.shape == (1, 1, 48, 48) and scale.shape == zero.shape == (1, 1, 2, 96)
+
+
+def test_akv_quantize_dispatch():
+  """akv.quantize(implementation="pallas") is the kernel, bit for bit; bad requests raise, never fall back."""
+  import akv_jax as akv  # noqa: PLC0415
+  x = jax.random.normal(jax.random.key(4), (2, 2, 64, 64), jnp.bfloat16)
+  for spec in (akv.QuantSpec(bits=2, group=32, axis="channel"), akv.QuantSpec(bits=4, group=32, axis="token")):
+    want = akv.quantize(x, spec, implementation="xla")
+    got = akv.quantize(x, spec, implementation="pallas", interpret=INTERPRET)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+      np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+  spec = akv.QuantSpec(bits=2, group=32, axis="channel")
+  with pytest.raises(ValueError, match=r"quantize\(implementation='pallas'\): pass valid=None"):
+    akv.quantize(x, spec, jnp.ones(x.shape[:3], bool), implementation="pallas", interpret=True)
+  with pytest.raises(ValueError, match=r"x must be \[B, K, S, H\] for the kernel, got shape \(2, 64, 64\)"):
+    akv.quantize(x[0], spec, implementation="pallas", interpret=True)
+  with pytest.raises(ValueError, match="power-of-2 head dim and group, got H=48"):
+    akv.quantize(x[..., :48], akv.QuantSpec(bits=2, group=16, axis="channel"), implementation="pallas",
+                 interpret=True)
+  with pytest.raises(ValueError, match="token axis 48 is not a multiple of the key group 32"):
+    akv.quantize(x[:, :, :48], spec, implementation="pallas", interpret=True)
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="it needs a GPU"):
+      akv.quantize(x, spec, implementation="pallas")
+  with pytest.raises(ValueError, match="implementation='cuda' is not one of"):
+    akv.quantize(x, spec, implementation="cuda")

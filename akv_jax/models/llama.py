@@ -197,16 +197,46 @@ def forward(config: LlamaConfig, params, tokens: jax.Array) -> jax.Array:
   return _forward(config, params, tokens)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "reserve"))
-def _prefill(config: LlamaConfig, params, tokens, lengths, policy: Policy, reserve: int):
+def _fused_attn(interpret: bool):
+  """Prefill attention through the Pallas flash kernel (pallas_kernels.prefill_scores), same contract."""
+  from pallas_kernels import prefill_scores  # noqa: PLC0415 (kernels load only when used)
+
+  def attn(layer, q, k, v, lengths):
+    del layer
+    o, _, _ = prefill_scores.prefill_attention(q, k, v, lengths, interpret=interpret)
+    return o, None
+  return attn
+
+
+def _prefill_attention(config: LlamaConfig, implementation: str | None, interpret: bool):
+  """The prefill attention function for `implementation` (None: the Pallas kernel on a GPU, XLA elsewhere)."""
+  match implementation:
+    case None:
+      pallas = jax.default_backend() == "gpu" and config.hd >= 16 and not config.hd & (config.hd - 1)
+    case "xla":
+      pallas = False
+    case "pallas":
+      if jax.default_backend() != "gpu" and not interpret:
+        raise ValueError(f"implementation='pallas' needs a GPU (this backend is {jax.default_backend()!r}); "
+                         "pass interpret=True, or use implementation='xla'")
+      pallas = True
+    case _:
+      raise ValueError(f"implementation={implementation!r} is not one of None, 'xla', 'pallas'")
+  return _fused_attn(interpret) if pallas else _causal_attn
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy", "reserve", "implementation", "interpret"))
+def _prefill(config: LlamaConfig, params, tokens, lengths, policy: Policy, reserve: int,
+             implementation: str | None = None, interpret: bool = False):
   model = Llama(config)
   b, s = tokens.shape
   lengths = jnp.asarray(lengths, jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   n_obs = _observation_length(policy, s)
+  causal_attn = _prefill_attention(config, implementation, interpret)
 
   def attn(layer, q, k, v):
-    o, _ = _causal_attn(layer, q, k, v, lengths)
+    o, _ = causal_attn(layer, q, k, v, lengths)
     kv = DenseKV(k=k.transpose(0, 2, 1, 3), v=v.transpose(0, 2, 1, 3), lengths=lengths)
     q_obs = None if n_obs is None else _last_queries(q, lengths, min(n_obs, s))
     ckv = akv.compress(kv, policy, queries=q_obs, layer=layer, num_layers=config.num_layers, reserve=reserve)
@@ -218,7 +248,8 @@ def _prefill(config: LlamaConfig, params, tokens, lengths, policy: Policy, reser
 
 
 def prefill(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array, policy: Policy, *,
-            reserve: int = 0) -> tuple[jax.Array, tuple[CompressedKV, ...]]:
+            reserve: int = 0, implementation: str | None = None,
+            interpret: bool = False) -> tuple[jax.Array, tuple[CompressedKV, ...]]:
   """Runs the prompt and compresses every layer's cache as the pass goes by.
 
   Args:
@@ -226,13 +257,17 @@ def prefill(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array, 
     lengths: i32[B] prompt lengths.
     policy: static compression policy.
     reserve: tokens decoding will append (static).
+    implementation: prefill attention: "xla" (dense causal softmax), "pallas" (the flash kernel of
+      pallas_kernels.prefill_scores, no T x T matrix), or None: Pallas on a GPU, XLA otherwise.
+    interpret: run the kernel in interpret mode (CPU tests).
 
   Returns:
     (logits f32[B, V] of each row's last prompt token, cache: one CompressedKV per layer).
   """
   _check_tokens(config, tokens, lengths)
   _check_capacity(config, tokens.shape[1], reserve)
-  return _prefill(config, params, tokens, lengths, policy, reserve)
+  _prefill_attention(config, implementation, interpret)   # validates the request before tracing
+  return _prefill(config, params, tokens, lengths, policy, reserve, implementation, interpret)
 
 
 def _decode(config: LlamaConfig, params, cache, tokens, policy: Policy):

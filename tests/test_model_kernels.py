@@ -1,0 +1,40 @@
+"""The model's prefill through the Pallas flash kernel == through XLA (interpret mode on CPU), and dispatch errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import akv_jax as akv
+from akv_jax import models
+
+INTERPRET = jax.default_backend() != "gpu"
+
+
+@pytest.mark.parametrize("preset", ["full", "kivi2", "snapkv"])
+def test_prefill_pallas_matches_xla(preset):
+  config = models.LlamaConfig(vocab_size=50, hidden_size=128, intermediate_size=96, num_layers=2, num_heads=4,
+                              num_kv_heads=2, max_seq_len=256)
+  params = models.init_params(config, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 160), 0, 50)
+  lengths = jnp.array([160, 97], jnp.int32)
+  pol = akv.presets.get(preset)
+  want_logits, want = models.prefill(config, params, tokens, lengths, pol, implementation="xla")
+  got_logits, got = models.prefill(config, params, tokens, lengths, pol, implementation="pallas",
+                                   interpret=INTERPRET)
+  np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), rtol=2e-4, atol=2e-4)
+  q = jax.random.normal(jax.random.key(2), (2, 4, 32))
+  for a, b in zip(got, want):   # the caches answer attention alike (codes may differ by one step at ties)
+    np.testing.assert_allclose(np.asarray(akv.attend(q, a)), np.asarray(akv.attend(q, b)), rtol=1e-2, atol=1e-2)
+
+
+def test_prefill_implementation_errors():
+  config = models.LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4,
+                              num_kv_heads=2, max_seq_len=64)
+  params = models.init_params(config, jax.random.key(0))
+  tokens, lengths = jnp.zeros((1, 8), jnp.int32), jnp.array([8], jnp.int32)
+  with pytest.raises(ValueError, match="implementation='cudnn' is not one of None, 'xla', 'pallas'"):
+    models.prefill(config, params, tokens, lengths, akv.presets.get("full"), implementation="cudnn")
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="implementation='pallas' needs a GPU"):
+      models.prefill(config, params, tokens, lengths, akv.presets.get("full"), implementation="pallas")
