@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
   try:
     cfg = rx.load_config(args.config, sets=tuple(args.sets) + (f"out={args.out}",), tiny=args.tiny)
     targets = [float(t) for t in args.targets.split(",")]
-    config, params = rx.load_model(cfg, None)
+    config, params, _ = rx.load_model(cfg, None)
   except (ValueError, OSError) as e:
     raise SystemExit(f"error: {e}") from e
   length = cfg.lengths[-1]

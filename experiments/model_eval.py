@@ -49,6 +49,50 @@ def draw_prompts(task_names, lengths, samples: int, batch: int, seed: int) -> li
   return out
 
 
+class TextTasks:
+  """The tasks rendered as text for a checkpoint with its own tokenizer (a Hugging Face Llama, say).
+
+  A prompt becomes its readable names ("<niah_single> w5 KEY k3 VALUE v1 v7 ... QUERY k3 ANSWER", see
+  akv_jax.tasks.Vocab.describe) encoded by the tokenizer; a generation is decoded to text, read back name by name
+  up to the first that is not in the task vocabulary (or "<eos>", or a stop token), and scored by the task's rule.
+  """
+
+  def __init__(self, tokenizer, stop_tokens: tuple[int, ...]):
+    self.tokenizer = tokenizer
+    self.stop_tokens = stop_tokens
+    self.vocab = tasks.Vocab()
+
+  def encode(self, batch: tasks.Batch, pad_to: int = 64):
+    """Prompts -> (tokens i32[B, S'], lengths i32[B]); S' rounded up to pad_to so few shapes compile."""
+    rows = [self.tokenizer.encode(self.vocab.describe(p[1:n])).ids for p, n in zip(batch.prompts, batch.lengths)]
+    width = -(-max(len(r) for r in rows) // pad_to) * pad_to
+    out = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+      out[i, :len(r)] = r
+    return jnp.asarray(out), jnp.asarray([len(r) for r in rows], jnp.int32)
+
+  def decode(self, generated: np.ndarray) -> np.ndarray:
+    """Generated ids [A'] -> task-vocabulary ids, EOS last."""
+    ids = [int(t) for t in generated]
+    for i, t in enumerate(ids):
+      if t in self.stop_tokens:
+        ids = ids[:i]
+        break
+    out = []
+    for name in self.tokenizer.decode(ids).split():
+      if name == "<eos>":
+        break
+      try:
+        out.extend(self.vocab.encode(name).tolist())
+      except ValueError:
+        break
+    return np.asarray(out + [tasks.vocab.EOS], np.int32)
+
+  def max_new_tokens(self, answer_tokens: int) -> int:
+    # A task name ("v17", "SEP") takes a few tokenizer tokens; leave room for 4 each.
+    return 4 * answer_tokens + 4
+
+
 def cast_model(config: models.LlamaConfig, params, dtype: str):
   """The model in `dtype` (activations, parameters and so the KV cache)."""
   if config.dtype == dtype:
@@ -64,14 +108,29 @@ def dense_cache_bytes(config: models.LlamaConfig, batch: int, length: int) -> in
   return 2 * config.num_layers * batch * config.num_kv_heads * length * config.hd * itemsize
 
 
-def accuracy(config, params, policy: akv.Policy, prompts: list[Prompts], *, progress: bool = True) -> dict:
-  """Per length: per-task accuracy and average; plus bytes held / dense bytes summed over the prompt batches."""
+def accuracy(config, params, policy: akv.Policy, prompts: list[Prompts], *, progress: bool = True,
+             text: TextTasks | None = None) -> dict:
+  """Per length: per-task accuracy and average; plus bytes held / dense bytes summed over the prompt batches.
+
+  text: for a model with its own tokenizer, how prompts are rendered and generations read back.
+  """
   max_new = max(tasks.get_task(p.task).max_answer_length() for p in prompts)
+  stops = (tasks.vocab.EOS,)
+  if text is not None:
+    max_new, stops = text.max_new_tokens(max_new), text.stop_tokens
   preds: dict[int, list] = {}
   held = dense = 0
   for p in tqdm(prompts, desc=f"{policy.name}: tasks", disable=not progress, mininterval=5):
-    toks, lens = jnp.asarray(p.batch.prompts), jnp.asarray(p.batch.lengths)
-    gen, _, _ = models.generate(config, params, toks, lens, policy, max_new, stop_tokens=(tasks.vocab.EOS,))
+    if text is None:
+      toks, lens = jnp.asarray(p.batch.prompts), jnp.asarray(p.batch.lengths)
+    else:
+      toks, lens = text.encode(p.batch)
+    gen, _, _ = models.generate(config, params, toks, lens, policy, max_new, stop_tokens=stops)
+    if text is not None:
+      rows = [text.decode(r) for r in np.asarray(gen)]
+      gen = np.zeros((len(rows), max(len(r) for r in rows)), np.int32)
+      for i, r in enumerate(rows):
+        gen[i, :len(r)] = r
     # Storage is static-shaped, so the shapes of a prefill's cache give exactly the bytes a real one holds.
     held += akv.nbytes(jax.eval_shape(lambda t, n: models.prefill(config, params, t, n, policy)[1], toks, lens))
     dense += dense_cache_bytes(config, toks.shape[0], toks.shape[1])
@@ -95,13 +154,13 @@ def _median_ms(fn, reps: int) -> float:
 
 
 def speed(config, params, policy: akv.Policy, batches, length: int, decode_steps: int, reps: int, seed: int, *,
-          progress: bool = True) -> list[dict]:
-  """TTFT, TPOT and tokens/s at each batch size, on task prompts of `length` tokens."""
+          progress: bool = True, text: TextTasks | None = None) -> list[dict]:
+  """TTFT, TPOT and tokens/s at each batch size, on task prompts of `length` task tokens."""
   vocab = tasks.Vocab()
   rows = []
   for b in tqdm(batches, desc=f"{policy.name}: speed", disable=not progress):
     batch = tasks.make_batch(list(tasks.TASK_NAMES), np.random.default_rng(seed), length, vocab, b)
-    toks, lens = jnp.asarray(batch.prompts), jnp.asarray(batch.lengths)
+    toks, lens = (jnp.asarray(batch.prompts), jnp.asarray(batch.lengths)) if text is None else text.encode(batch)
     prefill = lambda: models.prefill(config, params, toks, lens, policy, reserve=decode_steps)  # noqa: E731
     jax.block_until_ready(prefill())
     ttft = _median_ms(prefill, reps)

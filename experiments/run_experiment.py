@@ -11,7 +11,9 @@ and DIR/accuracy.png, DIR/speed.png. experiments/summarize.py plots several runs
 
 Config fields (anything else is an error naming it):
   policy          preset to evaluate (akv_jax.presets.names()); baseline: preset to compare with (default full)
-  model           "default" (the shipped model, akv_jax/models/default) or a directory written by train_tiny.py
+  model           "default" (the shipped model, akv_jax/models/default) or a directory written by train_tiny.py;
+                  --model_path instead runs a Hugging Face Llama checkpoint with its tokenizer, the tasks rendered
+                  as text (experiments/model_eval.py: TextTasks)
   dtype           model and cache dtype for the run (default bfloat16, as served)
   tasks           task names (default: all of akv_jax.tasks.TASK_NAMES)
   lengths         prompt lengths in tokens (default [2048], the shipped model's context)
@@ -111,19 +113,21 @@ def load_config(path: str, *, sets: tuple[str, ...] = (), tiny: bool = False) ->
 
 
 def load_model(cfg: RunConfig, model_path: str | None):
+  """(config, params, text) of the shipped / trained model (text None), or of a Hugging Face checkpoint whose
+  tokenizer reads the tasks as text (model_eval.TextTasks)."""
   if model_path is not None:
-    # A Hugging Face checkpoint has its own tokenizer, not akv_jax.tasks' synthetic vocabulary: these tasks would
-    # have to be rendered as text and scored from decoded text, which this runner does not do yet.
-    raise ValueError(f"--model_path={model_path}: the RULER-style tasks here use the synthetic vocabulary of "
-                     "akv_jax.tasks; evaluating a Hugging Face checkpoint on them needs a text rendering of the "
-                     "tasks, which is not implemented (use the LongBench runner for real checkpoints)")
+    config, params = models.load_checkpoint(model_path, dtype=cfg.dtype)
+    tokenizer = models.load_tokenizer(model_path)
+    stops = tuple(i for i in (tokenizer.token_to_id(t) for t in ("</s>", "<|eot_id|>", "<|end_of_text|>", "<eos>"))
+                  if i is not None)
+    return config, params, model_eval.TextTasks(tokenizer, stops)
   config, params = models.load_default(None if cfg.model == "default" else cfg.model)
   need = max(max(cfg.lengths), cfg.speed_length) + max(cfg.decode_steps,
                                                       max(tasks.get_task(t).max_answer_length() for t in cfg.tasks))
   if need > config.max_seq_len:
     raise ValueError(f"lengths {list(cfg.lengths)} / speed_length {cfg.speed_length} plus decoding need {need} "
                      f"positions; the model has max_seq_len={config.max_seq_len}")
-  return model_eval.cast_model(config, params, cfg.dtype)
+  return (*model_eval.cast_model(config, params, cfg.dtype), None)
 
 
 def machine() -> dict[str, Any]:
@@ -132,12 +136,12 @@ def machine() -> dict[str, Any]:
               processor=platform.processor(), cpu_count=os.cpu_count(), jax=jax.__version__)
 
 
-def evaluate(cfg: RunConfig, config, params, prompts, name: str, *, progress: bool) -> dict:
+def evaluate(cfg: RunConfig, config, params, prompts, name: str, *, progress: bool, text=None) -> dict:
   policy = akv.presets.get(name)
   start = time.perf_counter()
-  entry = model_eval.accuracy(config, params, policy, prompts, progress=progress)
+  entry = model_eval.accuracy(config, params, policy, prompts, progress=progress, text=text)
   entry["speed"] = model_eval.speed(config, params, policy, cfg.speed_batches, cfg.speed_length,
-                                    cfg.decode_steps, cfg.reps, cfg.seed + 1, progress=progress)
+                                    cfg.decode_steps, cfg.reps, cfg.seed + 1, progress=progress, text=text)
   entry["peak_device_bytes"] = model_eval.peak_memory()
   entry["seconds"] = round(time.perf_counter() - start, 1)
   return entry
@@ -196,14 +200,15 @@ def plots(results: dict, out: pathlib.Path) -> None:
 
 
 def run(cfg: RunConfig, *, command: str = "", model_path: str | None = None, progress: bool = True) -> dict:
-  config, params = load_model(cfg, model_path)
+  config, params, text = load_model(cfg, model_path)
   prompts = model_eval.draw_prompts(cfg.tasks, cfg.lengths, cfg.samples, cfg.batch, cfg.seed)
-  base = evaluate(cfg, config, params, prompts, cfg.baseline, progress=progress)
-  pol = base if cfg.policy == cfg.baseline else evaluate(cfg, config, params, prompts, cfg.policy, progress=progress)
+  base = evaluate(cfg, config, params, prompts, cfg.baseline, progress=progress, text=text)
+  pol = base if cfg.policy == cfg.baseline else evaluate(cfg, config, params, prompts, cfg.policy,
+                                                         progress=progress, text=text)
   retained = {length: round(pol["accuracy"][length]["average"] / base["accuracy"][length]["average"], 4)
               if base["accuracy"][length]["average"] > 0 else None for length in base["accuracy"]}
   results = dict(command=command, config=dataclasses.asdict(cfg), machine=machine(),
-                 model=dict(source=cfg.model, dtype=cfg.dtype, params=int(sum(x.size for x in
+                 model=dict(source=model_path or cfg.model, dtype=cfg.dtype, params=int(sum(x.size for x in
                                                                              jax.tree_util.tree_leaves(params))),
                             layers=config.num_layers, kv_heads=config.num_kv_heads, head_dim=config.hd),
                  baseline=base, policy=pol, retained=retained)

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = args.policies.split(",")
     for name in names:
       akv.presets.get(name)
-    config, params = rx.load_model(cfg, None)
+    config, params, _ = rx.load_model(cfg, None)
   except (ValueError, OSError) as e:
     raise SystemExit(f"error: {e}") from e
   prompts = model_eval.draw_prompts(cfg.tasks, cfg.lengths, cfg.samples, cfg.batch, cfg.seed)
