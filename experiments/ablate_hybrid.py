@@ -2,7 +2,7 @@
 
     python experiments/ablate_hybrid.py --out experiments/results/ablation_2048 [--set key=value ...] [--tiny]
 
-For each target ratio the three variants are tuned to hold the same bytes on this model's caches (ratio measured
+For each target ratio, and at quantization's own ratio, the three variants are tuned to hold the same bytes on this model's caches (ratio measured
 from the arrays of an eval_shape'd prefill, which equals a real one's since storage is static-shaped):
   selection   SnapKV (window 32, 4 sinks, 32 recent), bf16, keep fraction bisected to the target;
   quantize    KIVI (keys per channel, values per token, groups of 32, 128 recent bf16) at 2 bits, all tokens: it
@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
   full = score(akv.presets.get("full"))
   quant = quantize()
   quant_ratio = ratio_of(quant)
+  # Quantization alone stops at its own ratio; compare all three there too.
+  targets = sorted({round(quant_ratio, 2), *targets})
   rows = []
   for target in targets:
     # The smallest keep that still holds the sinks and the bf16 recent window (compress refuses less).
