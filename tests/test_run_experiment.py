@@ -118,3 +118,16 @@ def test_hugging_face_checkpoint_reads_the_tasks_as_text(tmp_path):
   assert results["model"]["source"] == str(ckpt)
   assert set(results["policy"]["accuracy"]["256"]) == {"niah_single", "common_words", "average"}
   assert results["policy"]["bytes_held"] < results["baseline"]["bytes_held"]
+
+
+def test_ablation_tiny(tmp_path):
+  from experiments import ablate_hybrid  # noqa: PLC0415
+  out = tmp_path / "ablation"
+  results = ablate_hybrid.main(["--tiny", "--out", str(out), "--targets", "3", "--no_progress",
+                                "--set", "tasks=[niah_single,common_words]"])
+  rows = {(r["target"], r["variant"]): r for r in results["rows"]}
+  assert {v for _, v in rows} == {"selection", "hybrid", "quantize"}
+  for r in results["rows"]:
+    if r["policy"] is not None:   # matched bytes: each variant within a few percent of its target
+      assert abs(r["ratio"] - r["target"]) / r["target"] < 0.1, r
+  assert (out / "report.md").read_text().startswith("# Selection x quantization at matched bytes")
