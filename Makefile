@@ -17,8 +17,13 @@ setup: $(VENV)/.installed
 run: setup
 	$(PY) experiments/run_experiment.py --config experiments/hybrid_8x.yaml --out out/hybrid_8x
 
+# Two processes: the Pallas kernel tests (interpret mode, CUDA lowering) apart from the rest, so neither run's
+# compiled-program state grows into the other's.
+KERNEL_TESTS := tests/test_kernel_decode.py tests/test_kernel_prefill.py tests/test_kernel_quantize.py \
+  tests/test_lowering.py tests/test_fused_attention.py tests/test_paging.py tests/test_model_kernels.py
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest $(KERNEL_TESTS)
+	$(PY) -m pytest tests $(addprefix --ignore=,$(KERNEL_TESTS))
 
 # Regenerates every CPU result file the README quotes (about 12 minutes on a 2-core CPU). GPU results come from
 # experiments/gpu_check.sh on a GPU machine.

@@ -15,34 +15,32 @@ import jax
 
 
 @contextlib.contextmanager
-def _capture_modules():
+def _verifying():
+  """Runs the MLIR verifier on each Triton module right after it is built, inside the lowering that owns it (a
+  module is not touched once its lowering has returned)."""
   try:
     from jax._src.pallas.triton import lowering as triton_lowering  # noqa: PLC0415 (internal, may move)
   except ImportError:
-    yield None
+    yield
     return
-  modules = []
   original = triton_lowering.lower_jaxpr_to_triton_module
 
-  def capture(*args, **kwargs):
+  def verified(*args, **kwargs):
     result = original(*args, **kwargs)
-    modules.append(result.module)
+    result.module.operation.verify()
     return result
 
-  triton_lowering.lower_jaxpr_to_triton_module = capture
+  triton_lowering.lower_jaxpr_to_triton_module = verified
   try:
-    yield modules
+    yield
   finally:
     triton_lowering.lower_jaxpr_to_triton_module = original
 
 
 def lower_for_cuda(fn, *args, **kwargs) -> str:
-  """Lowers jax.jit(fn)(*args, **kwargs) for CUDA and verifies every Triton module it builds.
+  """Lowers jax.jit(fn)(*args, **kwargs) for CUDA, verifying every Triton module it builds.
 
   Returns the StableHLO text; raises whatever the lowering or the MLIR verifier raises.
   """
-  with _capture_modules() as modules:
-    text = jax.jit(fn).trace(*args, **kwargs).lower(lowering_platforms=("cuda",)).as_text()
-  for module in modules or ():
-    module.operation.verify()
-  return text
+  with _verifying():
+    return jax.jit(fn).trace(*args, **kwargs).lower(lowering_platforms=("cuda",)).as_text()
