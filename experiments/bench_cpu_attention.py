@@ -22,23 +22,18 @@ import os
 import pathlib
 import platform
 import statistics
+import sys
 import time
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable, as `python -m` would
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
 
 import akv_jax as akv
 from akv_jax import testing
-
-
-def cpu_name() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
+from experiments.run_quality_benchmarks import cpu_model
 
 
 def interleaved_ms(fns: dict, reps: int) -> dict[str, list[float]]:
@@ -55,6 +50,7 @@ def interleaved_ms(fns: dict, reps: int) -> dict[str, list[float]]:
 
 
 def main(argv=None) -> dict:
+  argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="experiments/results/bench_cpu_attention.json")
   parser.add_argument("--seq", type=int, default=32768)
@@ -104,7 +100,7 @@ def main(argv=None) -> dict:
             f"reference {row['reference_ms']:7.2f} ms ({row['speedup_reference']:.2f}x)")
     del caches, kv
   result = dict(command="python experiments/bench_cpu_attention.py " + " ".join(argv or []),
-                machine=dict(cpu=cpu_name(), cores=os.cpu_count(),
+                machine=dict(cpu=cpu_model() or "unknown", cores=os.cpu_count(),
                              platform=platform.machine(), jax=jax.__version__, backend=jax.default_backend()),
                 shape=dict(kv_heads=kh, q_heads=n, head_dim=h, layer=layers // 2, num_layers=layers,
                            dtype="bfloat16"),

@@ -25,6 +25,7 @@ import json
 import pathlib
 import platform
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -90,6 +91,7 @@ def dense_baselines(interpret: bool) -> dict[str, Callable]:
 
 
 def main(argv=None) -> dict:
+  argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="experiments/results/bench_decode_attention.json")
   parser.add_argument("--seqs", default="4096,16384,32768,131072")

@@ -49,6 +49,7 @@ import akv_jax as akv  # noqa: E402
 from akv_jax import models, tasks  # noqa: E402
 from experiments import model_eval  # noqa: E402
 from experiments.run_proxy_experiment import apply_set  # noqa: E402
+from experiments.run_quality_benchmarks import cpu_model  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -133,7 +134,7 @@ def load_model(cfg: RunConfig, model_path: str | None):
 def machine() -> dict[str, Any]:
   dev = jax.devices()[0]
   return dict(device_kind=dev.device_kind, backend=jax.default_backend(), machine=platform.machine(),
-              processor=platform.processor(), cpu_count=os.cpu_count(), jax=jax.__version__)
+              processor=cpu_model(), cpu_count=os.cpu_count(), jax=jax.__version__)
 
 
 def evaluate(cfg: RunConfig, config, params, prompts, name: str, *, progress: bool, text=None) -> dict:

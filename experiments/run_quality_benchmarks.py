@@ -68,7 +68,7 @@ def _output_errors(q_test: jax.Array, ckv: akv.CompressedKV, kv: akv.DenseKV) ->
   return jax.vmap(one, in_axes=2)(q_test)
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
   # platform.processor() is empty on most Linux systems; /proc/cpuinfo names the CPU there.
   if platform.processor():
     return platform.processor()
@@ -84,7 +84,7 @@ def _cpu_model() -> str:
 def machine_info() -> dict[str, Any]:
   """Where the numbers came from (no host name)."""
   dev = jax.devices()[0]
-  return {"processor": _cpu_model(), "machine": platform.machine(), "system": platform.system(),
+  return {"processor": cpu_model(), "machine": platform.machine(), "system": platform.system(),
           "python": platform.python_version(), "jax": jax.__version__, "backend": jax.default_backend(),
           "device_kind": dev.device_kind, "device_count": jax.device_count(), "cpu_count": os.cpu_count()}
 
