@@ -117,8 +117,7 @@ def attend(q: jax.Array, ckv: CompressedKV, *, scale: float | None = None, retur
   if use_pallas:
     return _fused.attend(q, ckv, scale=scale, interpret=interpret)
   if implementation != "reference" and q.ndim == 3 and not return_probs:
-    validation.compressed(ckv)
-    return _chunked.attend(q, ckv, scale=scale)
+    return _chunked.attend(q, ckv, scale=scale)   # validates ckv and q itself
   return _attend(q, ckv, scale, return_probs)
 
 
