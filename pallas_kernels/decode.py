@@ -361,22 +361,13 @@ def _unpack(codes: jax.Array, bits: int) -> jax.Array:
   return blocks.reshape(*codes.shape[:-1], n * codes.shape[-1]).astype(jnp.float32)
 
 
-def _dequant_keys(body_k, fmt: Format) -> jax.Array:
-  if fmt.key_bits == RAW:
-    return body_k.astype(jnp.float32)
-  codes, scale, zero = body_k
-  c = _unpack(codes, fmt.key_bits)
-  rep = lambda x: jnp.repeat(x.astype(jnp.float32), fmt.key_group, axis=2)  # noqa: E731
-  return c * rep(scale) + rep(zero)
-
-
-def _dequant_values(body_v, fmt: Format) -> jax.Array:
-  if fmt.value_bits == RAW:
-    return body_v.astype(jnp.float32)
-  codes, scale, zero = body_v
-  c = _unpack(codes, fmt.value_bits)
-  rep = lambda x: jnp.repeat(x.astype(jnp.float32), fmt.value_group, axis=3)  # noqa: E731
-  return c * rep(scale) + rep(zero)
+def _dequant(body, bits: int, group: int, axis: int) -> jax.Array:
+  """Body keys (scales per `group` tokens, axis 2) or values (per `group` channels, axis 3) as f32."""
+  if bits == RAW:
+    return body.astype(jnp.float32)
+  codes, scale, zero = body
+  rep = lambda x: jnp.repeat(x.astype(jnp.float32), group, axis=axis)  # noqa: E731
+  return _unpack(codes, bits) * rep(scale) + rep(zero)
 
 
 def _heads(x: jax.Array, page_table, fmt: Format) -> jax.Array:
@@ -392,8 +383,8 @@ def _heads(x: jax.Array, page_table, fmt: Format) -> jax.Array:
 def decode_attention_reference(q, sink_k, sink_v, body_k, body_v, recent_k, recent_v, patch_v, lengths,
                                page_table=None, *, fmt: Format) -> jax.Array:
   """Plain-jnp attention with the same contract as decode_attention + combine: f32[B, K, G, H]."""
-  keys_b = _heads(_dequant_keys(body_k, fmt), page_table, fmt)
-  vals_b = _heads(_dequant_values(body_v, fmt), page_table, fmt)
+  keys_b = _heads(_dequant(body_k, fmt.key_bits, fmt.key_group, 2), page_table, fmt)
+  vals_b = _heads(_dequant(body_v, fmt.value_bits, fmt.value_group, 3), page_table, fmt)
   sink_len, body_len, patch_len, recent_len = (lengths[..., i][..., None] for i in range(4))
 
   def slots(x):
