@@ -15,21 +15,26 @@ import jax.numpy as jnp
 from akv_jax import body as _body
 from akv_jax import selection, validation
 from akv_jax.cache import CompressedKV, DenseKV
-from akv_jax.policy import Layout, Policy, QUERY_SELECTIONS
+from akv_jax.policy import Layout, Policy, QUERY_SELECTIONS, VOTE_SELECTIONS
 from akv_jax.quant import quantize
 
 _NEG = -jnp.inf
 
 
-def _scores(policy: Policy, kv: DenseKV, queries: jax.Array | None) -> jax.Array | None:
+def _scores(policy: Policy, kv: DenseKV, queries: jax.Array | None, votes: jax.Array | None) -> jax.Array | None:
   """f32[B, K, S] selection scores, or None when every candidate is kept."""
   match policy.selection:
     case "none" | "streaming":
       return None
+    case "snapkv" if votes is not None:
+      return selection.snapkv_scores_from_votes(votes, kv, window=policy.window, kernel_size=policy.kernel_size,
+                                                pooling=policy.pooling, reduce=policy.reduce)
     case "snapkv":
       return selection.snapkv_scores(queries[:, :, -policy.window:], kv, window=policy.window,
                                      kernel_size=policy.kernel_size, pooling=policy.pooling,
                                      reduce=policy.reduce)
+    case "h2o" if votes is not None:
+      return selection.h2o_scores_from_votes(votes, kv)
     case "h2o":
       return selection.h2o_scores(queries, kv)
     case "tova":
@@ -37,6 +42,23 @@ def _scores(policy: Policy, kv: DenseKV, queries: jax.Array | None) -> jax.Array
     case "knorm":
       return selection.knorm_scores(kv)
   raise ValueError(f"selection={policy.selection!r} is unknown")
+
+
+def _check_observations(policy: Policy, queries, votes, b: int, kh: int, h: int) -> None:
+  """Trace-time checks that the selection gets exactly one usable source of attention statistics."""
+  if votes is not None:
+    if policy.selection not in VOTE_SELECTIONS:
+      raise ValueError(f"votes are read only by selection 'snapkv' or 'h2o', not selection={policy.selection!r}")
+    if queries is not None:
+      raise ValueError("pass queries or votes, not both: the votes already summarize the queries")
+    return
+  if policy.selection in QUERY_SELECTIONS:
+    if queries is None:
+      raise ValueError(f"selection={policy.selection!r} needs observation queries; pass queries=[B, N, W, H]"
+                       + (" or votes=[B, K, S]" if policy.selection in VOTE_SELECTIONS else ""))
+    validation.queries(queries, b, kh, h)
+    if policy.selection == "snapkv" and queries.shape[2] < policy.window:
+      raise ValueError(f"queries hold {queries.shape[2]} tokens, fewer than window={policy.window}")
 
 
 def _take(x: jax.Array, idx: jax.Array, valid: jax.Array) -> jax.Array:
@@ -113,19 +135,14 @@ def _store(x: jax.Array, spec, valid: jax.Array):
   return quantize(x, spec, valid)
 
 
-def _compress(kv: DenseKV, queries, policy: Policy, lay: Layout) -> CompressedKV:
+def _compress(kv: DenseKV, queries, votes, policy: Policy, lay: Layout) -> CompressedKV:
   b, kh, s, h = validation.dense(kv, per_row_lengths=True)
-  if policy.selection in QUERY_SELECTIONS:
-    if queries is None:
-      raise ValueError(f"selection={policy.selection!r} needs observation queries; pass queries=[B, N, W, H]")
-    validation.queries(queries, b, kh, h)
-    if policy.selection == "snapkv" and queries.shape[2] < policy.window:
-      raise ValueError(f"queries hold {queries.shape[2]} tokens, fewer than window={policy.window}")
+  _check_observations(policy, queries, votes, b, kh, h)
   z, u = lay.n_sink, lay.flush
   lengths = jnp.asarray(kv.lengths, jnp.int32)
   ws = jnp.maximum(z, lengths - lay.recent)                       # [B] window start
   w = jnp.maximum(lengths - ws, 0)                                # [B] window tokens
-  scores = _scores(policy, kv, queries)
+  scores = _scores(policy, kv, queries, votes)
   sel_idx, count, budget = _select(policy, lay, kv, scores, ws)
   n = sel_idx.shape[-1]
   kb = (count // u) * u                                          # keys quantized in whole groups
@@ -184,8 +201,8 @@ def _compress(kv: DenseKV, queries, policy: Policy, lay: Layout) -> CompressedKV
 _compress_jit = jax.jit(_compress, static_argnames=("policy", "lay"))
 
 
-def compress(kv: DenseKV, policy: Policy, *, queries: jax.Array | None = None, layer: int = 0,
-             num_layers: int = 1, reserve: int = 0) -> CompressedKV:
+def compress(kv: DenseKV, policy: Policy, *, queries: jax.Array | None = None, votes: jax.Array | None = None,
+             layer: int = 0, num_layers: int = 1, reserve: int = 0) -> CompressedKV:
   """Compresses one layer's prefill cache (jitted; the policy and the layer's static layout key the compile).
 
   Args:
@@ -193,6 +210,10 @@ def compress(kv: DenseKV, policy: Policy, *, queries: jax.Array | None = None, l
     policy: static Policy.
     queries: [B, N, T, H] observation queries: the last T prompt queries of each row (row b's query t sits at
       position lengths[b] - T + t). SnapKV/AdaKV/PyramidKV read the last `window`, TOVA the last one, H2O all T.
+    votes: f32[B, K, S] instead of queries, for snapkv and h2o selections: each slot's attention probability
+      summed over the observation queries (SnapKV: the last `window`; H2O: all prompt queries) and averaged
+      over the G query heads of its kv head, as pallas_kernels.prefill_scores.prefill_attention returns them
+      in the same pass as the prefill attention. Pooling and masking are applied here.
     layer, num_layers: pick the layer's budget (PyramidKV) and bits (guard layers).
     reserve: number of tokens decoding will append; sizes the body of non-evicting policies.
 
@@ -201,17 +222,20 @@ def compress(kv: DenseKV, policy: Policy, *, queries: jax.Array | None = None, l
   """
   _, _, s, _ = validation.dense(kv, per_row_lengths=True)
   lay = policy.layout(s, layer, num_layers, reserve=reserve)
-  return _compress_jit(kv, queries, policy=policy, lay=lay)
+  return _compress_jit(kv, queries, votes, policy=policy, lay=lay)
 
 
-def compress_layers(kvs, policy: Policy, *, queries=None, reserve: int = 0) -> tuple[CompressedKV, ...]:
-  """Compresses a sequence of per-layer DenseKV (with per-layer queries or None) into a multi-layer cache."""
+def compress_layers(kvs, policy: Policy, *, queries=None, votes=None, reserve: int = 0) -> tuple[CompressedKV, ...]:
+  """Compresses a sequence of per-layer DenseKV (with per-layer queries, or votes, or None) into a multi-layer cache."""
   num_layers = len(kvs)
   qs = queries if queries is not None else (None,) * num_layers
+  vs = votes if votes is not None else (None,) * num_layers
   if len(qs) != num_layers:
     raise ValueError(f"got {len(qs)} query sets for {num_layers} layers")
-  return tuple(compress(kv, policy, queries=q, layer=i, num_layers=num_layers, reserve=reserve)
-               for i, (kv, q) in enumerate(zip(kvs, qs)))
+  if len(vs) != num_layers:
+    raise ValueError(f"got {len(vs)} vote sets for {num_layers} layers")
+  return tuple(compress(kv, policy, queries=q, votes=v, layer=i, num_layers=num_layers, reserve=reserve)
+               for i, (kv, q, v) in enumerate(zip(kvs, qs, vs)))
 
 
 def logical_view(ckv: CompressedKV, dtype=jnp.float32):

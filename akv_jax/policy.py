@@ -24,6 +24,8 @@ SELECTIONS = ("none", "streaming", "snapkv", "h2o", "tova", "knorm")
 BUDGET_RULES = ("uniform", "pyramid", "adakv")
 # Selections that need observation queries, and how many of their trailing tokens they read.
 QUERY_SELECTIONS = ("snapkv", "h2o", "tova")
+# Selections whose scores may come as precomputed attention votes (the prefill kernel returns these).
+VOTE_SELECTIONS = ("snapkv", "h2o")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -108,6 +108,25 @@ def test_query_errors(kv, q_obs):
     akv.compress_layers([kv, kv], SNAP, queries=[q_obs])
 
 
+def test_vote_errors(kv, q_obs):
+  votes = jnp.ones((B, K, S), jnp.float32)
+  with pytest.raises(ValueError, match="votes are read only by selection 'snapkv' or 'h2o', not selection='knorm'"):
+    akv.compress(kv, dataclasses.replace(SNAP, selection="knorm"), votes=votes)
+  with pytest.raises(ValueError, match="pass queries or votes, not both"):
+    akv.compress(kv, SNAP, queries=q_obs, votes=votes)
+  with pytest.raises(ValueError, match=r"votes must be \[B, K, S\] = \(2, 2, 96\) to match the cache, "
+                                       r"got shape \(2, 2, 95\)"):
+    akv.compress(kv, SNAP, votes=votes[..., :95])
+  with pytest.raises(ValueError, match=r"votes must be \[B, K, S\]"):
+    akv.compress(kv, dataclasses.replace(SNAP, selection="h2o"), votes=votes[:1])
+  with pytest.raises(ValueError, match="window=128 is longer than the sequence S=96"):
+    akv.compress(kv, dataclasses.replace(SNAP, window=128, recent=128), votes=votes)
+  with pytest.raises(ValueError, match=r"needs observation queries; pass queries=\[B, N, W, H\] or votes"):
+    akv.compress(kv, dataclasses.replace(SNAP, selection="h2o"))
+  with pytest.raises(ValueError, match="got 1 vote sets for 2 layers"):
+    akv.compress_layers([kv, kv], SNAP, votes=[votes])
+
+
 def test_attend_and_append_errors(kv, q_obs):
   pol = akv.presets.get("full")
   ckv = akv.compress(kv, pol)

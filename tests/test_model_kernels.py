@@ -1,5 +1,7 @@
 """The model's prefill through the Pallas flash kernel == through XLA (interpret mode on CPU), and dispatch errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,18 +13,28 @@ from akv_jax import models
 INTERPRET = jax.default_backend() != "gpu"
 
 
-@pytest.mark.parametrize("preset", ["full", "kivi2", "snapkv"])
-def test_prefill_pallas_matches_xla(preset):
+def _must_not_run(*args, **kwargs):
+  raise AssertionError("selection scores were recomputed from queries although the kernel returned votes")
+
+
+@pytest.mark.parametrize("preset", ["full", "kivi2", "snapkv", "h2o", "pyramidkv", "adakv", "hybrid_8x"])
+def test_prefill_pallas_matches_xla(preset, monkeypatch):
   config = models.LlamaConfig(vocab_size=50, hidden_size=128, intermediate_size=96, num_layers=2, num_heads=4,
                               num_kv_heads=2, max_seq_len=256)
   params = models.init_params(config, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 160), 0, 50)
   lengths = jnp.array([160, 97], jnp.int32)
   pol = akv.presets.get(preset)
+  pol = dataclasses.replace(pol, recent=min(pol.recent, 32))   # guard bands that fit 160 tokens
   want_logits, want = models.prefill(config, params, tokens, lengths, pol, implementation="xla")
+  # The kernel's votes replace SnapKV's and H2O's second attention pass: computing them from queries now fails.
+  for name in ("snapkv_scores", "h2o_scores"):
+    monkeypatch.setattr(akv.selection, name, _must_not_run)
   got_logits, got = models.prefill(config, params, tokens, lengths, pol, implementation="pallas",
                                    interpret=INTERPRET)
   np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), rtol=2e-4, atol=2e-4)
+  for a, b in zip(got, want):   # the same tokens are kept
+    np.testing.assert_array_equal(np.asarray(akv.decompress(a).positions), np.asarray(akv.decompress(b).positions))
   q = jax.random.normal(jax.random.key(2), (2, 4, 32))
   for a, b in zip(got, want):   # the caches answer attention alike (codes may differ by one step at ties)
     np.testing.assert_allclose(np.asarray(akv.attend(q, a)), np.asarray(akv.attend(q, b)), rtol=1e-2, atol=1e-2)

@@ -269,12 +269,12 @@ def test_overflow_is_counted_not_silent():
 def test_no_retracing_across_lengths():
   kv, q_obs, q = _inputs(dtype=jnp.bfloat16)
   pol = _small("hybrid_8x")
-  comp = jax.jit(chex.assert_max_traces(pipeline._compress, n=1), static_argnums=(2, 3))
+  comp = jax.jit(chex.assert_max_traces(pipeline._compress, n=1), static_argnums=(3, 4))
   lay = pol.layout(S, 0, 4, reserve=16)
   att = jax.jit(chex.assert_max_traces(attention._attend, n=1), static_argnums=(2, 3))
   app = jax.jit(chex.assert_max_traces(decode._append, n=1), static_argnums=(3,))
   for lengths in ((160, 97), (120, 60), (33, 159)):
-    c = comp(dataclasses.replace(kv, lengths=jnp.array(lengths)), q_obs, pol, lay)
+    c = comp(dataclasses.replace(kv, lengths=jnp.array(lengths)), q_obs, None, pol, lay)
     att(q, c, None, False)
     for t in range(3):
       c = app(c, kv.k[:, :, t], kv.v[:, :, t], pol)
@@ -325,3 +325,32 @@ def test_per_layer_bits_and_bf16_guards():
       assert ckv.body_k.dtype == jnp.bfloat16
     else:
       assert ckv.body_k.bits == bits and ckv.body_k.codes.dtype == jnp.uint8
+
+
+def _last_queries(q_all, lengths, t):
+  """[B, N, S, H] queries at positions 0..S-1 -> each row's last t valid ones [B, N, t, H] (zeros before 0)."""
+  idx = jnp.asarray(lengths)[:, None] - t + jnp.arange(t)[None, :]
+  out = jnp.take_along_axis(q_all, jnp.clip(idx, 0, q_all.shape[2] - 1)[:, None, :, None], axis=2)
+  return jnp.where((idx >= 0)[:, None, :, None], out, 0.0)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "adakv", "h2o", "hybrid_8x"])
+def test_votes_select_like_queries(name):
+  """compress(votes=the prefill kernel's attention votes) keeps the same tokens as compress(queries=...)."""
+  from pallas_kernels.prefill_scores import prefill_attention_reference  # noqa: PLC0415 (plain jnp)
+  kv, _, q = _inputs()
+  pol = _small(name)
+  q_all = random_queries(11, b=B, n=N, t=S, h=H)
+  h2o = pol.selection == "h2o"
+  _, window_votes, h2o_votes = prefill_attention_reference(
+      q_all.transpose(0, 2, 1, 3), kv.k.transpose(0, 2, 1, 3), kv.v.transpose(0, 2, 1, 3), kv.lengths,
+      window=0 if h2o else pol.window, h2o=h2o)
+  queries = _last_queries(q_all, kv.lengths, S if h2o else pol.window)
+  want = akv.compress(kv, pol, queries=queries, layer=3, num_layers=4)
+  got = akv.compress(kv, pol, votes=h2o_votes if h2o else window_votes, layer=3, num_layers=4)
+  want_d, got_d = akv.decompress(want), akv.decompress(got)
+  np.testing.assert_array_equal(got_d.positions, want_d.positions)
+  np.testing.assert_array_equal(got_d.lengths, want_d.lengths)
+  np.testing.assert_allclose(akv.attend(q, got), akv.attend(q, want), rtol=1e-5, atol=1e-6)
+  if h2o:   # the accumulated scores decoding keeps updating start from the same values
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-6)

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from akv_jax.cache import DenseKV
-from akv_jax.selection import (adakv_head_budgets, h2o_scores, knorm_scores, pyramid_budgets, snapkv_scores,
-                               streaming_scores, tova_scores, uniform_budgets)
+from akv_jax.selection import (adakv_head_budgets, h2o_scores, h2o_scores_from_votes, knorm_scores,
+                               pyramid_budgets, snapkv_scores, snapkv_scores_from_votes, streaming_scores,
+                               tova_scores, uniform_budgets)
 
 B, K, G, S, H, W = 2, 2, 3, 24, 8, 6
 N = K * G
@@ -374,6 +375,11 @@ SCORE_ERRORS = [
      r"query_positions must be \[B, T\] = \(2, 6\), got shape \(2, 5\)"),
     (lambda: tova_scores(_Q_OBS, _KV), r"q_last must be \[B, N, H\]"),
     (lambda: tova_scores(_normal(1, (B, N, 5)), _KV), r"q_last head dim 5 differs from the cache head dim 8"),
+    (lambda: snapkv_scores_from_votes(jnp.zeros((B, K, S - 1)), _KV, window=W),
+     r"votes must be \[B, K, S\] = \(2, 2, 24\) to match the cache, got shape \(2, 2, 23\)"),
+    (lambda: snapkv_scores_from_votes(jnp.zeros((B, K, S)), _KV, window=30), r"window=30 exceeds the cache length"),
+    (lambda: snapkv_scores_from_votes(jnp.zeros((B, K, S)), _KV, window=W, pooling="min"), r"unknown pooling"),
+    (lambda: h2o_scores_from_votes(jnp.zeros((B, S)), _KV), r"votes must be \[B, K, S\] = \(2, 2, 24\)"),
 ]
 
 
@@ -585,3 +591,23 @@ def test_adakv_matches_loop_reference(seed, kh, granularity, per_head_units, alp
   got = adakv_head_budgets(jnp.asarray(sc), total, alpha=alpha, granularity=granularity, cap=cap,
                            available=None if available is None else jnp.asarray(available))
   np.testing.assert_array_equal(got, _py_adakv(sc, total, alpha, granularity, cap, available))
+
+
+@pytest.mark.parametrize("kernel_size,pooling,reduce", [(7, "max", "mean"), (5, "avg", "sum"), (1, "max", "sum")])
+def test_scores_from_votes_equal_scores_from_queries(kernel_size, pooling, reduce):
+  """The prefill kernel's votes (its plain-jnp reference here) give exactly SnapKV's and H2O's scores."""
+  from pallas_kernels.prefill_scores import prefill_attention_reference  # noqa: PLC0415 (plain jnp)
+  b, t, kh, h, w = 2, 40, K, 16, 8    # the reference shares the kernel's checks: H a power of 2 >= 16
+  lengths = jnp.array([40, 6], jnp.int32)   # the second row is shorter than the window
+  q = _normal(30, (b, t, N, h))
+  k, v = _normal(31, (b, t, kh, h)), _normal(32, (b, t, kh, h))
+  _, win, h2o = prefill_attention_reference(q, k, v, lengths, window=w, h2o=True)
+  kv = DenseKV(k=k.transpose(0, 2, 1, 3), v=v.transpose(0, 2, 1, 3), lengths=lengths)
+  idx = lengths[:, None] - w + jnp.arange(w)[None, :]
+  q_obs = jnp.take_along_axis(q, jnp.clip(idx, 0, t - 1)[:, :, None, None], axis=1)
+  q_obs = jnp.where((idx >= 0)[:, :, None, None], q_obs, 0.0).transpose(0, 2, 1, 3)
+  kw = dict(window=w, kernel_size=kernel_size, pooling=pooling, reduce=reduce)
+  _assert_scores_close(snapkv_scores_from_votes(win, kv, **kw), np.asarray(snapkv_scores(q_obs, kv, **kw)))
+  pos = jnp.where(jnp.arange(t)[None, :] < lengths[:, None], jnp.arange(t)[None, :], -1)
+  _assert_scores_close(h2o_scores_from_votes(h2o, kv),
+                       np.asarray(h2o_scores(q.transpose(0, 2, 1, 3), kv, query_positions=pos)))

@@ -197,18 +197,25 @@ def forward(config: LlamaConfig, params, tokens: jax.Array) -> jax.Array:
   return _forward(config, params, tokens)
 
 
-def _fused_attn(interpret: bool):
-  """Prefill attention through the Pallas flash kernel (pallas_kernels.prefill_scores), same contract."""
+def _fused_attn(interpret: bool, policy: Policy):
+  """Prefill attention through the Pallas flash kernel (pallas_kernels.prefill_scores), same contract.
+
+  For SnapKV and H2O selections the kernel also returns the policy's attention votes from the same pass, so
+  compress never recomputes attention from the observation queries.
+  """
   from pallas_kernels import prefill_scores  # noqa: PLC0415 (kernels load only when used)
 
   def attn(layer, q, k, v, lengths):
     del layer
-    o, _, _ = prefill_scores.prefill_attention(q, k, v, lengths, interpret=interpret)
-    return o, None
+    window = min(policy.window, q.shape[1]) if policy.selection == "snapkv" else 0
+    h2o = policy.selection == "h2o"
+    o, window_votes, h2o_votes = prefill_scores.prefill_attention(q, k, v, lengths, window=window, h2o=h2o,
+                                                                  interpret=interpret)
+    return o, window_votes if window else h2o_votes
   return attn
 
 
-def _prefill_attention(config: LlamaConfig, implementation: str | None, interpret: bool):
+def _prefill_attention(config: LlamaConfig, implementation: str | None, interpret: bool, policy: Policy):
   """The prefill attention function for `implementation` (None: the Pallas kernel on a GPU, XLA elsewhere)."""
   match implementation:
     case None:
@@ -222,7 +229,7 @@ def _prefill_attention(config: LlamaConfig, implementation: str | None, interpre
       pallas = True
     case _:
       raise ValueError(f"implementation={implementation!r} is not one of None, 'xla', 'pallas'")
-  return _fused_attn(interpret) if pallas else _causal_attn
+  return _fused_attn(interpret, policy) if pallas else _causal_attn
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy", "reserve", "implementation", "interpret"))
@@ -233,13 +240,14 @@ def _prefill(config: LlamaConfig, params, tokens, lengths, policy: Policy, reser
   lengths = jnp.asarray(lengths, jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   n_obs = _observation_length(policy, s)
-  causal_attn = _prefill_attention(config, implementation, interpret)
+  causal_attn = _prefill_attention(config, implementation, interpret, policy)
 
   def attn(layer, q, k, v):
-    o, _ = causal_attn(layer, q, k, v, lengths)
+    o, votes = causal_attn(layer, q, k, v, lengths)
     kv = DenseKV(k=k.transpose(0, 2, 1, 3), v=v.transpose(0, 2, 1, 3), lengths=lengths)
-    q_obs = None if n_obs is None else _last_queries(q, lengths, min(n_obs, s))
-    ckv = akv.compress(kv, policy, queries=q_obs, layer=layer, num_layers=config.num_layers, reserve=reserve)
+    q_obs = None if n_obs is None or votes is not None else _last_queries(q, lengths, min(n_obs, s))
+    ckv = akv.compress(kv, policy, queries=q_obs, votes=votes, layer=layer, num_layers=config.num_layers,
+                       reserve=reserve)
     return o, ckv
 
   hidden, cache = model.apply({"params": params}, tokens, positions, attn)
@@ -258,7 +266,9 @@ def prefill(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array, 
     policy: static compression policy.
     reserve: tokens decoding will append (static).
     implementation: prefill attention: "xla" (dense causal softmax), "pallas" (the flash kernel of
-      pallas_kernels.prefill_scores, no T x T matrix), or None: Pallas on a GPU, XLA otherwise.
+      pallas_kernels.prefill_scores, no T x T matrix; for SnapKV/PyramidKV/AdaKV and H2O policies it also
+      returns the selection votes, so their scores cost no second attention pass), or None: Pallas on a GPU,
+      XLA otherwise.
     interpret: run the kernel in interpret mode (CPU tests).
 
   Returns:
@@ -266,7 +276,7 @@ def prefill(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array, 
   """
   _check_tokens(config, tokens, lengths)
   _check_capacity(config, tokens.shape[1], reserve)
-  _prefill_attention(config, implementation, interpret)   # validates the request before tracing
+  _prefill_attention(config, implementation, interpret, policy)   # validates the request before tracing
   return _prefill(config, params, tokens, lengths, policy, reserve, implementation, interpret)
 
 

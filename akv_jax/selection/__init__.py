@@ -8,7 +8,9 @@ from .budgets import adakv_head_budgets as adakv_head_budgets
 from .budgets import pyramid_budgets as pyramid_budgets
 from .budgets import uniform_budgets as uniform_budgets
 from .scores import h2o_scores as h2o_scores
+from .scores import h2o_scores_from_votes as h2o_scores_from_votes
 from .scores import knorm_scores as knorm_scores
 from .scores import snapkv_scores as snapkv_scores
+from .scores import snapkv_scores_from_votes as snapkv_scores_from_votes
 from .scores import streaming_scores as streaming_scores
 from .scores import tova_scores as tova_scores

@@ -143,6 +143,37 @@ def streaming_scores(kv: DenseKV, *, n_sink: int = 4) -> jax.Array:
   return _mask_invalid(scores, kv)
 
 
+def _check_snapkv(window: int, s: int, kernel_size: int, pooling: str, reduce: str) -> None:
+  if window < 1:
+    raise ValueError(f"window must be >= 1, got {window}")
+  if window > s:
+    raise ValueError(f"window={window} exceeds the cache length S={s}")
+  if kernel_size < 1 or kernel_size % 2 == 0:
+    raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
+  if pooling not in ("max", "avg"):
+    raise ValueError(f"unknown pooling {pooling!r}, expected 'max' or 'avg'")
+  if reduce not in ("sum", "mean"):
+    raise ValueError(f"unknown reduce {reduce!r}, expected 'sum' or 'mean'")
+
+
+def _check_votes(votes: jax.Array, kv: DenseKV) -> None:
+  b, kh, s, _ = _check_kv(kv)
+  if votes.shape != (b, kh, s):
+    raise ValueError(f"votes must be [B, K, S] = {(b, kh, s)} to match the cache, got shape {votes.shape}")
+
+
+def _snapkv_pool(votes: jax.Array, kv: DenseKV, window: int, kernel_size: int, pooling: str,
+                 reduce: str) -> jax.Array:
+  """The SnapKV steps after voting: mean over the window (if asked), pool along S, -inf at padding."""
+  scores = votes.astype(jnp.float32)
+  if reduce == "mean":
+    scores = scores / window
+  valid = kv.valid()
+  if kernel_size > 1:
+    scores = _pool(scores, valid, kernel_size, pooling)
+  return _mask_invalid(scores, kv)
+
+
 @functools.partial(jax.jit, static_argnames=("window", "kernel_size", "pooling", "reduce"))
 def snapkv_scores(q_obs: jax.Array, kv: DenseKV, *, window: int = 32, kernel_size: int = 7,
                   pooling: Pooling = "max", reduce: Reduce = "mean") -> jax.Array:
@@ -152,9 +183,10 @@ def snapkv_scores(q_obs: jax.Array, kv: DenseKV, *, window: int = 32, kernel_siz
   per-row lengths i32[B] every head agrees). A row shorter than W has leading window queries in negative
   slots; they contribute nothing, and "mean" still divides by W so that sum and mean differ by exactly W.
 
-  Order of operations: reduce over the W queries, mean over the G query heads, then pool. Pooling after the
-  group mean (kvpress pools each query head first) keeps one pooled score per kv head; for max pooling the two
-  orders differ.
+  Order of operations: sum over the W queries, mean over the G query heads (the "votes", which
+  `snapkv_scores_from_votes` accepts from a kernel that computed them), then reduce and pool. Pooling after
+  the group mean (kvpress pools each query head first) keeps one pooled score per kv head; for max pooling the
+  two orders differ.
 
   Args:
     q_obs: [B, N, W, H] queries of the last W tokens of each row.
@@ -170,28 +202,35 @@ def snapkv_scores(q_obs: jax.Array, kv: DenseKV, *, window: int = 32, kernel_siz
   _, _, s, _ = _check_kv(kv)
   q = _group_queries(q_obs, kv, "q_obs")
   w = q.shape[3]
-  if window < 1:
-    raise ValueError(f"window must be >= 1, got {window}")
-  if w != window:
+  if window >= 1 and w != window:
     raise ValueError(f"window={window} differs from q_obs window length {w} (q_obs shape {q_obs.shape})")
-  if window > s:
-    raise ValueError(f"window={window} exceeds the cache length S={s}")
-  if kernel_size < 1 or kernel_size % 2 == 0:
-    raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
-  if pooling not in ("max", "avg"):
-    raise ValueError(f"unknown pooling {pooling!r}, expected 'max' or 'avg'")
-  if reduce not in ("sum", "mean"):
-    raise ValueError(f"unknown reduce {reduce!r}, expected 'sum' or 'mean'")
-
+  _check_snapkv(window, s, kernel_size, pooling, reduce)
   probs = _attention(q, kv, _last_positions(kv, w))  # [B, K, G, W, S]
-  per_head = jnp.sum(probs, axis=3)
-  if reduce == "mean":
-    per_head = per_head / w
-  scores = jnp.mean(per_head, axis=2)
-  valid = kv.valid()
-  if kernel_size > 1:
-    scores = _pool(scores, valid, kernel_size, pooling)
-  return _mask_invalid(scores, kv)
+  votes = jnp.mean(jnp.sum(probs, axis=3), axis=2)
+  return _snapkv_pool(votes, kv, window, kernel_size, pooling, reduce)
+
+
+@functools.partial(jax.jit, static_argnames=("window", "kernel_size", "pooling", "reduce"))
+def snapkv_scores_from_votes(votes: jax.Array, kv: DenseKV, *, window: int = 32, kernel_size: int = 7,
+                             pooling: Pooling = "max", reduce: Reduce = "mean") -> jax.Array:
+  """SnapKV scores from window votes computed elsewhere, e.g. by the prefill kernel in the same pass as attention.
+
+  Equal to `snapkv_scores(q_obs, kv, ...)` when votes[b, k, s] is the attention probability of slot s summed
+  over the last `window` valid queries and averaged over the G query heads of kv head k (the window_scores
+  of pallas_kernels.prefill_scores.prefill_attention).
+
+  Args:
+    votes: f32[B, K, S] summed window attention; padded slots may hold anything.
+    kv: the cache the votes score; only its shape, lengths and positions are read.
+    window, kernel_size, pooling, reduce: as in `snapkv_scores` (static).
+
+  Returns:
+    f32[B, K, S], -inf at padded slots.
+  """
+  _, _, s, _ = _check_kv(kv)
+  _check_votes(votes, kv)
+  _check_snapkv(window, s, kernel_size, pooling, reduce)
+  return _snapkv_pool(votes, kv, window, kernel_size, pooling, reduce)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk",))
@@ -240,6 +279,22 @@ def h2o_scores(queries: jax.Array, kv: DenseKV, *, query_positions: jax.Array | 
 
   acc, _ = lax.scan(step, jnp.zeros((b, kh, s), jnp.float32), (q, q_pos))
   return _mask_invalid(acc / g, kv)
+
+
+@jax.jit
+def h2o_scores_from_votes(votes: jax.Array, kv: DenseKV) -> jax.Array:
+  """H2O scores from accumulated attention computed elsewhere (the prefill kernel's h2o_scores).
+
+  Args:
+    votes: f32[B, K, S] attention probability of each slot summed over all prefill queries and averaged over
+      the G query heads of its kv head; padded slots may hold anything.
+    kv: the cache the votes score; only its shape and lengths are read.
+
+  Returns:
+    f32[B, K, S] as `h2o_scores` over all prompt queries: the votes, -inf at padded slots.
+  """
+  _check_votes(votes, kv)
+  return _mask_invalid(votes, kv)
 
 
 @jax.jit
