@@ -225,8 +225,9 @@ def compress(kv: DenseKV, policy: Policy, *, queries: jax.Array | None = None, v
   return _compress_jit(kv, queries, votes, policy=policy, lay=lay)
 
 
-def compress_layers(kvs, policy: Policy, *, queries=None, votes=None, reserve: int = 0) -> tuple[CompressedKV, ...]:
-  """Compresses a sequence of per-layer DenseKV (with per-layer queries, or votes, or None) into a multi-layer cache."""
+def compress_layers(kvs, policy: Policy, *, queries=None, votes=None,
+                    reserve: int = 0) -> tuple[CompressedKV, ...]:
+  """Compresses per-layer DenseKV (with per-layer queries, or votes, or None) into a multi-layer cache."""
   num_layers = len(kvs)
   qs = queries if queries is not None else (None,) * num_layers
   vs = votes if votes is not None else (None,) * num_layers
