@@ -51,11 +51,14 @@ def _shift(x: jax.Array, n: int, enabled: jax.Array, axis: int = 2) -> jax.Array
   return jnp.where(enabled.reshape(enabled.shape + (1,) * (x.ndim - 2)), shifted, x)
 
 
-def _write_body(ckv: CompressedKV, stored, rows: jax.Array, first_slot: jax.Array, enabled: jax.Array):
-  """Writes rows [B, K, n, H] (quantized like `stored`) into the body at logical slots first_slot + 0..n-1."""
+def _write_body(ckv: CompressedKV, stored, rows: jax.Array, first_slot: jax.Array, enabled: jax.Array, impl):
+  """Writes rows [B, K, n, H] (quantized like `stored`) into the body at logical slots first_slot + 0..n-1.
+
+  impl = (implementation, interpret) of the quantization (akv.quantize's dispatch).
+  """
   n = rows.shape[2]
   if isinstance(stored, QuantizedTensor):
-    rows = quantize(rows, spec_of(stored))
+    rows = quantize(rows, spec_of(stored), implementation=impl[0], interpret=impl[1])
   total = _body.flatten_leaf(ckv.body_pos).shape[1]
 
   def write(leaf, data):
@@ -96,20 +99,20 @@ def _push(ckv: CompressedKV, k_t, v_t):
   return dataclasses.replace(ckv, **updates)
 
 
-def _flush_kivi(ckv: CompressedKV, recent: int, flush: int) -> CompressedKV:
+def _flush_kivi(ckv: CompressedKV, recent: int, flush: int, impl) -> CompressedKV:
   """Steps 2-3 for non-evicting caches: one value leaves per step, keys leave `flush` at a time."""
   cap = _body.head_capacity(ckv)
   kb, vb, nk = ckv.key_fill, ckv.value_fill, ckv.recent_fill
   need_v = (kb + nk - vb > recent) & (vb < cap)
   d = vb - kb
   value = _get_slot(ckv.recent_v, d)[:, :, None]
-  body_v = _write_body(ckv, ckv.body_v, value, vb, need_v)
+  body_v = _write_body(ckv, ckv.body_v, value, vb, need_v, impl)
   body_pos = _write_pos(ckv, _get_slot(ckv.recent_pos, d), vb, need_v)
   vb = vb + need_v.astype(jnp.int32)
   ckv = dataclasses.replace(ckv, body_v=body_v, body_pos=body_pos, value_fill=vb)
 
   need_k = (vb - kb >= flush) & (kb + flush <= cap)
-  body_k = _write_body(ckv, ckv.body_k, ckv.recent_k[:, :, :flush], kb, need_k)
+  body_k = _write_body(ckv, ckv.body_k, ckv.recent_k[:, :, :flush], kb, need_k, impl)
   return dataclasses.replace(
       ckv, body_k=body_k, key_fill=kb + flush * need_k.astype(jnp.int32),
       recent_fill=nk - flush * need_k.astype(jnp.int32),
@@ -117,7 +120,7 @@ def _flush_kivi(ckv: CompressedKV, recent: int, flush: int) -> CompressedKV:
       recent_pos=_shift(ckv.recent_pos, flush, need_k))
 
 
-def _flush_evict(ckv: CompressedKV, recent: int) -> CompressedKV:
+def _flush_evict(ckv: CompressedKV, recent: int, impl) -> CompressedKV:
   """Step 2 for bounded caches: the token leaving the window moves to a free or weaker body slot, or is dropped."""
   kb, nk = ckv.key_fill, ckv.recent_fill
   leave = nk > recent
@@ -136,8 +139,8 @@ def _flush_evict(ckv: CompressedKV, recent: int) -> CompressedKV:
     scores = _set_slot(scores, target, mine, place)
   grow = leave & (kb < cap)
   k_row = ckv.recent_k[:, :, :1]
-  body_k = _write_body(ckv, ckv.body_k, k_row, target, place)
-  body_v = _write_body(ckv, ckv.body_v, ckv.recent_v[:, :, :1], target, place)
+  body_k = _write_body(ckv, ckv.body_k, k_row, target, place, impl)
+  body_v = _write_body(ckv, ckv.body_v, ckv.recent_v[:, :, :1], target, place, impl)
   body_pos = _write_pos(ckv, ckv.recent_pos[:, :, 0], target, place)
   if scores is not None:
     scores = jnp.concatenate([scores[..., :m], _shift(scores[..., m:], 1, leave)], axis=-1)
@@ -154,7 +157,19 @@ def _flush_unit(ckv: CompressedKV) -> int:
   return body_k.group if isinstance(body_k, QuantizedTensor) and body_k.axis == "channel" else 1
 
 
-def _append(ckv: CompressedKV, k_t: jax.Array, v_t: jax.Array, policy: Policy) -> CompressedKV:
+def check_implementation(implementation: str | None, interpret: bool) -> None:
+  """The append-side half of the kernel dispatch: what can be told before any quantization is traced."""
+  if implementation not in (None, "xla", "pallas"):
+    raise ValueError(f"implementation={implementation!r} is not one of None, 'xla', 'pallas'")
+  if implementation == "pallas" and jax.default_backend() != "gpu" and not interpret:
+    raise ValueError(f"implementation='pallas' needs a GPU (this backend is {jax.default_backend()!r}); "
+                     "pass interpret=True, or use implementation='xla'")
+
+
+def _append(ckv: CompressedKV, k_t: jax.Array, v_t: jax.Array, policy: Policy, implementation: str | None = None,
+            interpret: bool = False) -> CompressedKV:
+  check_implementation(implementation, interpret)
+  impl = (implementation, interpret)
   validation.compressed(ckv)
   validation.token(k_t, ckv, "k_t")
   validation.token(v_t, ckv, "v_t")
@@ -166,23 +181,28 @@ def _append(ckv: CompressedKV, k_t: jax.Array, v_t: jax.Array, policy: Policy) -
   recent = ckv.recent_capacity - flush
   ckv = _push(ckv, k_t, v_t)
   if policy.evicting:
-    return _flush_evict(ckv, recent)
-  return _flush_kivi(ckv, recent, flush)
+    return _flush_evict(ckv, recent, impl)
+  return _flush_kivi(ckv, recent, flush, impl)
 
 
-@functools.partial(jax.jit, static_argnames=("policy",), donate_argnames=("ckv",))
-def append(ckv: CompressedKV, k_t: jax.Array, v_t: jax.Array, policy: Policy) -> CompressedKV:
+@functools.partial(jax.jit, static_argnames=("policy", "implementation", "interpret"), donate_argnames=("ckv",))
+def append(ckv: CompressedKV, k_t: jax.Array, v_t: jax.Array, policy: Policy, *, implementation: str | None = None,
+           interpret: bool = False) -> CompressedKV:
   """Appends one decoded token to every row of a layer's compressed cache.
 
   Args:
     ckv: the layer's CompressedKV (donated: do not reuse the argument).
     k_t, v_t: [B, K, H] the new token's key (post-RoPE) and value.
     policy: the static policy the cache was built with (decides eviction).
+    implementation: how tokens leaving the bf16 window are quantized into the body, dispatched like
+      `akv.quantize`: "xla", "pallas" (the fused quantize-and-pack kernel; bit-identical), or None (Pallas on a
+      GPU). A cache whose body is bf16 quantizes nothing.
+    interpret: run the kernel in interpret mode (CPU tests).
 
   Returns:
     The updated CompressedKV; `dropped` counts tokens that found no room (reserve more at compress time).
   """
-  return _append(ckv, k_t, v_t, policy)
+  return _append(ckv, k_t, v_t, policy, implementation, interpret)
 
 
 @jax.jit

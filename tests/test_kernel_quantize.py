@@ -16,6 +16,8 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import lowering
 from pallas_kernels import quantize as qp
 
+_quantize_pack = qp.quantize_pack
+
 INTERPRET = jax.default_backend() != "gpu"
 
 
@@ -364,3 +366,42 @@ def test_akv_quantize_dispatch():
       akv.quantize(x, spec, implementation="pallas")
   with pytest.raises(ValueError, match="implementation='cuda' is not one of"):
     akv.quantize(x, spec, implementation="cuda")
+
+
+@pytest.mark.parametrize("preset", ["kivi2", "hybrid_8x"])
+def test_append_through_the_kernel_is_bit_identical(preset, monkeypatch):
+  """Quantize-on-append dispatches like akv.quantize: the kernel path leaves the very same cache bytes."""
+  import dataclasses  # noqa: PLC0415
+
+  import akv_jax as akv  # noqa: PLC0415
+  from akv_jax.testing import random_kv, random_queries  # noqa: PLC0415
+  pol = dataclasses.replace(akv.presets.get(preset), recent=32, key_group=16, value_group=16)
+  kv = random_kv(5, b=2, k=2, s=160, h=64, lengths=(160, 97), dtype=jnp.bfloat16)
+  q_obs = random_queries(6, b=2, n=4, t=32, h=64)
+  steps = jax.random.normal(jax.random.key(7), (40, 2, 2, 2, 64), jnp.bfloat16)   # [step, k/v, B, K, H]
+  traced = []   # the kernel is really on the pallas path (appends trace it), and only there
+  monkeypatch.setattr(qp, "quantize_pack", lambda *a, **kw: traced.append(1) or _quantize_pack(*a, **kw))
+  caches = {}
+  for impl in ("xla", "pallas"):
+    c = akv.compress(kv, pol, queries=q_obs, reserve=48)
+    for t in range(steps.shape[0]):   # 40 steps: several whole key groups and every value leave the window
+      c = akv.append(c, steps[t, 0], steps[t, 1], pol, implementation=impl, interpret=INTERPRET)
+    caches[impl] = c
+    assert bool(traced) == (impl == "pallas")
+  assert int(np.asarray(caches["xla"].key_fill).max()) > int(np.asarray(
+      akv.compress(kv, pol, queries=q_obs, reserve=48).key_fill).max()), "no key group was flushed"
+  for a, b in zip(jax.tree_util.tree_leaves(caches["pallas"]), jax.tree_util.tree_leaves(caches["xla"])):
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+
+
+def test_append_implementation_errors():
+  import akv_jax as akv  # noqa: PLC0415
+  from akv_jax.testing import random_kv  # noqa: PLC0415
+  pol = akv.presets.get("kivi2")
+  ckv = akv.compress(random_kv(0, b=1, k=2, s=256, h=64), pol, reserve=8)
+  k_t = jnp.zeros((1, 2, 64))
+  with pytest.raises(ValueError, match="implementation='cuda' is not one of None, 'xla', 'pallas'"):
+    akv.append(ckv, k_t, k_t, pol, implementation="cuda")
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="implementation='pallas' needs a GPU"):
+      akv.append(ckv, k_t, k_t, pol, implementation="pallas")

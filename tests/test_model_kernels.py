@@ -50,3 +50,55 @@ def test_prefill_implementation_errors():
   if jax.default_backend() != "gpu":
     with pytest.raises(ValueError, match="implementation='pallas' needs a GPU"):
       models.prefill(config, params, tokens, lengths, akv.presets.get("full"), implementation="pallas")
+
+
+@pytest.mark.parametrize("preset", ["kivi2", "hybrid_8x", "snapkv"])
+def test_decode_step_pallas_matches_xla(preset):
+  """Decoding through the fused attention and quantize-on-append kernels tracks the XLA path step by step."""
+  config = models.LlamaConfig(vocab_size=50, hidden_size=256, intermediate_size=96, num_layers=2, num_heads=4,
+                              num_kv_heads=2, max_seq_len=256)
+  params = models.init_params(config, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 160), 0, 50)
+  lengths = jnp.array([160, 97], jnp.int32)
+  pol = dataclasses.replace(akv.presets.get(preset), recent=32, key_group=16, value_group=16)
+  steps = np.asarray(jax.random.randint(jax.random.key(2), (24, 2), 0, 50))   # teacher-forced inputs
+  logits = {}
+  for impl in ("xla", "pallas"):
+    _, cache = models.prefill(config, params, tokens, lengths, pol, reserve=24, implementation="xla")
+    out = []
+    for t in range(steps.shape[0]):   # 24 steps: whole key groups leave the window (quantize-on-append)
+      step_logits, cache = models.decode_step(config, params, cache, jnp.asarray(steps[t]), pol,
+                                              implementation=impl, interpret=INTERPRET)
+      out.append(np.asarray(step_logits))
+    logits[impl] = np.stack(out)
+  np.testing.assert_allclose(logits["pallas"], logits["xla"], rtol=2e-3, atol=2e-3)
+
+
+def test_generate_pallas_matches_xla():
+  config = models.LlamaConfig(vocab_size=50, hidden_size=256, intermediate_size=96, num_layers=2, num_heads=4,
+                              num_kv_heads=2, max_seq_len=256)
+  params = models.init_params(config, jax.random.key(3))
+  tokens = jax.random.randint(jax.random.key(4), (2, 160), 0, 50)
+  lengths = jnp.array([160, 120], jnp.int32)
+  pol = dataclasses.replace(akv.presets.get("hybrid_8x"), recent=32, key_group=16, value_group=16)
+  want, _, _ = models.generate(config, params, tokens, lengths, pol, 8, implementation="xla")
+  got, _, _ = models.generate(config, params, tokens, lengths, pol, 8, implementation="pallas", interpret=INTERPRET)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_decode_implementation_errors():
+  config = models.LlamaConfig(vocab_size=50, hidden_size=128, intermediate_size=96, num_layers=1, num_heads=2,
+                              num_kv_heads=1, max_seq_len=64)
+  params = models.init_params(config, jax.random.key(0))
+  tokens, lengths = jnp.zeros((1, 16), jnp.int32), jnp.array([16], jnp.int32)
+  pol = dataclasses.replace(akv.presets.get("kivi2"), recent=8, key_group=8, value_group=8)
+  _, cache = models.prefill(config, params, tokens, lengths, pol, reserve=4)
+  with pytest.raises(ValueError, match="implementation='reference' is not one of None, 'xla', 'pallas'"):
+    models.decode_step(config, params, cache, jnp.zeros((1,), jnp.int32), pol, implementation="reference")
+  with pytest.raises(ValueError, match="implementation='cudnn' is not one of None, 'xla', 'pallas'"):
+    models.generate(config, params, tokens, lengths, pol, 2, implementation="cudnn")
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="implementation='pallas' needs a GPU"):
+      models.decode_step(config, params, cache, jnp.zeros((1,), jnp.int32), pol, implementation="pallas")
+    with pytest.raises(ValueError, match="implementation='pallas' needs a GPU"):
+      models.generate(config, params, tokens, lengths, pol, 2, implementation="pallas")

@@ -24,6 +24,7 @@ import numpy as np
 
 import akv_jax as akv
 from akv_jax.cache import CompressedKV, DenseKV
+from akv_jax.decode import check_implementation
 from akv_jax.models.config import LlamaConfig, apply_rope
 from akv_jax.policy import Policy
 
@@ -280,33 +281,42 @@ def prefill(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array, 
   return _prefill(config, params, tokens, lengths, policy, reserve, implementation, interpret)
 
 
-def _decode(config: LlamaConfig, params, cache, tokens, policy: Policy):
+def _decode(config: LlamaConfig, params, cache, tokens, policy: Policy, implementation: str | None = None,
+            interpret: bool = False):
   model = Llama(config)
   positions = cache[0].next_pos[:, None]
+  kernels = dict(implementation=implementation, interpret=interpret)
 
   def attn(layer, q, k, v):
-    c = akv.append(cache[layer], k[:, 0], v[:, 0], policy)
+    c = akv.append(cache[layer], k[:, 0], v[:, 0], policy, **kernels)
     if c.scores is not None:
-      out, probs = akv.attend(q[:, 0], c, return_probs=True)
+      out, probs = akv.attend(q[:, 0], c, return_probs=True, **kernels)
       c = akv.observe(c, probs)
     else:
-      out = akv.attend(q[:, 0], c)
+      out = akv.attend(q[:, 0], c, **kernels)
     return out[:, None], c
 
   hidden, new_cache = model.apply({"params": params}, tokens[:, None], positions, attn)
   return model.apply({"params": params}, hidden[:, 0], method=Llama.logits), new_cache
 
 
-_decode_jit = jax.jit(_decode, static_argnames=("config", "policy"), donate_argnames=("cache",))
+_decode_jit = jax.jit(_decode, static_argnames=("config", "policy", "implementation", "interpret"),
+                      donate_argnames=("cache",))
 
 
 def decode_step(config: LlamaConfig, params, cache: tuple[CompressedKV, ...], tokens: jax.Array,
-                policy: Policy) -> tuple[jax.Array, tuple[CompressedKV, ...]]:
-  """One decoding step: tokens i32[B] -> (logits f32[B, V], updated cache). The cache argument is donated."""
+                policy: Policy, *, implementation: str | None = None,
+                interpret: bool = False) -> tuple[jax.Array, tuple[CompressedKV, ...]]:
+  """One decoding step: tokens i32[B] -> (logits f32[B, V], updated cache). The cache argument is donated.
+
+  implementation / interpret pick the attention and the quantize-on-append path, as in `akv.attend` and
+  `akv.append`: None (Pallas kernels on a GPU where they apply), "xla", or "pallas" (an error where it cannot run).
+  """
   _check_tokens(config, tokens)
   if len(cache) != config.num_layers:
     raise ValueError(f"cache has {len(cache)} layers, the model {config.num_layers}")
-  return _decode_jit(config, params, cache, tokens, policy)
+  check_implementation(implementation, interpret)
+  return _decode_jit(config, params, cache, tokens, policy, implementation, interpret)
 
 
 def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
@@ -320,9 +330,10 @@ def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) -
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy", "max_new_tokens", "temperature", "top_k",
-                                             "stop_tokens"))
-def _generate(config, params, tokens, lengths, policy, max_new_tokens, temperature, top_k, stop_tokens, key):
-  logits, cache = _prefill(config, params, tokens, lengths, policy, max_new_tokens)
+                                             "stop_tokens", "implementation", "interpret"))
+def _generate(config, params, tokens, lengths, policy, max_new_tokens, temperature, top_k, stop_tokens, key,
+              implementation=None, interpret=False):
+  logits, cache = _prefill(config, params, tokens, lengths, policy, max_new_tokens, implementation, interpret)
   b = tokens.shape[0]
   stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
   out = jnp.zeros((b, max_new_tokens), jnp.int32)
@@ -337,7 +348,7 @@ def _generate(config, params, tokens, lengths, policy, max_new_tokens, temperatu
     out = out.at[:, i].set(tok)
     count = count + (~done).astype(jnp.int32)
     done = done | jnp.any(tok[:, None] == stops[None, :], axis=-1)
-    logits, cache = _decode(config, params, cache, tok, policy)
+    logits, cache = _decode(config, params, cache, tok, policy, implementation, interpret)
     return logits, cache, out, done, count, key
 
   # The last iteration's decode step is wasted work, kept so the loop body is uniform (one compiled step).
@@ -347,7 +358,7 @@ def _generate(config, params, tokens, lengths, policy, max_new_tokens, temperatu
 
 def generate(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array, policy: Policy,
              max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0, stop_tokens: tuple[int, ...] = (),
-             key: jax.Array | None = None):
+             key: jax.Array | None = None, implementation: str | None = None, interpret: bool = False):
   """Greedy (temperature 0) or temperature / top-k sampling in a lax loop over a compressed cache.
 
   Args:
@@ -355,6 +366,7 @@ def generate(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array,
     policy: static compression policy; the cache reserves max_new_tokens of room.
     max_new_tokens: tokens to generate per row (static).
     stop_tokens: ids that end a row (the stop token is included in its output); later slots hold 0.
+    implementation, interpret: kernels for the prefill (`prefill`) and every decode step (`decode_step`).
 
   Returns:
     (new tokens i32[B, max_new_tokens], generated counts i32[B], final cache).
@@ -370,9 +382,11 @@ def generate(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array,
   for t in stop_tokens:
     if not 0 <= t < config.vocab_size:
       raise ValueError(f"stop token {t} is out of the vocabulary [0, {config.vocab_size})")
+  _prefill_attention(config, implementation, interpret, policy)
+  check_implementation(implementation, interpret)
   key = jax.random.key(0) if key is None else key
   return _generate(config, params, tokens, lengths, policy, max_new_tokens, float(temperature), int(top_k),
-                   tuple(stop_tokens), key)
+                   tuple(stop_tokens), key, implementation, interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
