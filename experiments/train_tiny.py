@@ -16,7 +16,8 @@ Writes, in --out:
   params/            orbax checkpoint of the parameters (also rewritten at each evaluation during training)
   config.json        the model config (LlamaConfig fields)
   train_log.jsonl    one line per logged step (loss, answer loss, lr, length, batch, seconds) or evaluation
-  scores.json        per-task accuracy with the full cache at the eval lengths, the device, the wall time
+  scores.json        per-task accuracy with the full cache at the eval lengths, the key-lookup probe
+                     (experiments/probe_lookup.py), the device, the wall time
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from tqdm import tqdm
 
 import akv_jax as akv
 from akv_jax import models, tasks
+from experiments.probe_lookup import lookup_accuracy
 from experiments.run_proxy_experiment import apply_set
 
 WORD_TASKS = ("common_words", "frequent_words")
@@ -72,7 +74,7 @@ class TrainConfig:
   tokens_per_step: int = 32768     # train batch at length T is clip(tokens_per_step // T, min_batch, max_batch)
   min_batch: int = 8
   max_batch: int = 128
-  recall_share: float = 0.5        # share of steps on dense recall streams (see recall_stream)
+  recall_share: float = 0.5        # share of steps on dense recall streams (see tasks.recall_stream)
   recall_pairs: int = 16
   body_weight: float = 0.2         # weight of the mean next-word loss over word-task bodies, against answers' 1
   workers: int = 0                 # processes drawing batches; 0 draws them in the training loop
@@ -91,6 +93,7 @@ class TrainConfig:
   eval_samples: int = 16           # per task and eval length, at the end
   eval_batch: int = 8
   eval_lengths: tuple[int, ...] = (2048,)
+  lookup_length: int = 256         # stream length of the lookup probe logged with each evaluation
 
   def model_config(self) -> models.LlamaConfig:
     vocab = tasks.Vocab()
@@ -131,38 +134,6 @@ def length_mix(cfg: TrainConfig, prog: float) -> np.ndarray:
   return p / p.sum()
 
 
-def recall_stream(rng: np.random.Generator, length: int, vocab, n_pairs: int) -> tuple[np.ndarray, np.ndarray]:
-  """A dense associative-recall sequence in the tasks' own format, for teaching retrieval quickly.
-
-  Records "KEY k VALUE v.." and later queries "QUERY k ANSWER v.. EOS" for keys already seen, among filler
-  words. Every query's answer is supervised, so one sequence carries many retrieval examples where a task
-  prompt carries one; the model learns the lookup circuit (an induction-style head) from these, then the
-  tasks' single queries reuse it.
-
-  Returns tokens i32[length] and the loss mask bool[length] (True on answer tokens, as training_sequence).
-  """
-  keys = rng.choice(np.asarray(vocab.key_ids), n_pairs, replace=False)
-  vals = [rng.choice(np.asarray(vocab.value_ids), int(rng.integers(1, 4)), replace=False) for _ in range(n_pairs)]
-  words = np.asarray(vocab.word_ids)
-  toks, mask, seen = [tasks.vocab.BOS], [False], 0
-  while len(toks) < length:
-    r = rng.random()
-    if r < 0.12 and seen < n_pairs:
-      rec = [tasks.vocab.KEY, int(keys[seen]), tasks.vocab.VALUE, *map(int, vals[seen])]
-      toks += rec
-      mask += [False] * len(rec)
-      seen += 1
-    elif r < 0.3 and seen:
-      i = int(rng.integers(seen))
-      ans = [*map(int, vals[i]), tasks.vocab.EOS]
-      toks += [tasks.vocab.QUERY, int(keys[i]), tasks.vocab.ANSWER, *ans]
-      mask += [False] * 3 + [True] * len(ans)
-    else:
-      toks.append(int(rng.choice(words)))
-      mask.append(False)
-  return np.asarray(toks[:length], np.int32), np.asarray(mask[:length], bool)
-
-
 def train_batch(cfg: TrainConfig, length: int) -> int:
   """Short prompts carry as much answer signal as long ones at a fraction of the cost: batch more of them."""
   return int(np.clip(cfg.tokens_per_step // length, cfg.min_batch, cfg.max_batch))
@@ -180,7 +151,7 @@ def draw_batch(cfg: TrainConfig, step: int, length: int, recall: bool) -> tuple[
   width = length + max(tasks.get_task(t).max_answer_length() for t in cfg.task_names)
   bsz = train_batch(cfg, length)
   if recall:
-    rows = [recall_stream(rng, width, vocab, cfg.recall_pairs) for _ in range(bsz)]
+    rows = [tasks.recall_stream(rng, width, vocab, cfg.recall_pairs) for _ in range(bsz)]
     toks, mask = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
     return toks, mask, mask.astype(np.float32)
   p = np.asarray(cfg.task_weights, np.float64) if cfg.task_weights else np.ones(len(cfg.task_names))
@@ -245,6 +216,13 @@ def evaluate(config, params, cfg: TrainConfig, rng: np.random.Generator, vocab, 
       drawn.extend(batch.samples[:keep])
     out[str(length)] = tasks.score_batch(np.stack(preds), drawn)
   return out
+
+
+def probe(config, params, cfg: TrainConfig) -> dict:
+  """The key-lookup probe (experiments/probe_lookup.py): the circuit multi-key, multi-query and variable tracking
+  need, which shows up in it (accuracy above the key-blind baselines) before it shows up in task scores."""
+  return lookup_accuracy(config, params, length=min(cfg.lookup_length, cfg.context), pairs=cfg.recall_pairs,
+                         rows=32, seed=cfg.seed + 30_000)
 
 
 def parse(argv) -> TrainConfig:
@@ -364,8 +342,8 @@ def main(argv=None) -> dict:
       if cfg.eval_every_min and time.time() - last_eval > cfg.eval_every_min * 60:
         evals[str(step)] = evaluate(config, params, cfg, eval_rng, vocab, max(1, cfg.eval_samples // 4))
         save_params(out, params)
-        log.write(json.dumps({"step": step, "seconds": round(time.time() - start, 1), "eval": evals[str(step)]})
-                  + "\n")
+        log.write(json.dumps({"step": step, "seconds": round(time.time() - start, 1), "eval": evals[str(step)],
+                              "lookup": probe(config, params, cfg)}) + "\n")
         log.flush()
         last_eval = time.time()
       if progress(cfg, step + 1, time.time() - start) >= 1.0:
@@ -379,6 +357,7 @@ def main(argv=None) -> dict:
             "train_config": dataclasses.asdict(cfg), "params": int(n_params), "steps_run": step + 1,
             "train_seconds": round(train_seconds, 1), "device": jax.devices()[0].device_kind,
             "jax": jax.__version__, "platform": platform.machine(), "final_eval": final,
+            "lookup": probe(config, params, cfg),
             "evals_during_training": evals}
   (out / "scores.json").write_text(json.dumps(result, indent=1) + "\n")
   print(json.dumps(final, indent=1))

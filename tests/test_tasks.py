@@ -326,3 +326,24 @@ RNG = np.random.default_rng
 def test_bad_inputs(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def test_recall_queries_reads_the_stream():
+  k1, k2, v1, v2, v3, w = 17, 18, 81, 82, 83, 145
+  toks = np.array([BOS, KEY, k1, VALUE, v1, w, KEY, k2, VALUE, v2, v3, QUERY, k1, ANSWER, v1, EOS,
+                   QUERY, k2, ANSWER, v2, v3, EOS, QUERY, k1, ANSWER])   # the last answer is cut off
+  q = tasks.recall_queries(toks)
+  np.testing.assert_array_equal(q["position"], [13, 18])
+  np.testing.assert_array_equal(q["truth"], [v1, v2])
+  np.testing.assert_array_equal(q["latest"], [v2, v2])
+  np.testing.assert_array_equal(q["seen"], [2, 2])
+
+
+def test_recall_stream_queries_only_seen_keys():
+  vocab = tasks.Vocab()
+  toks, mask = tasks.recall_stream(np.random.default_rng(0), 512, vocab, 16)
+  q = tasks.recall_queries(toks)
+  assert toks.shape == mask.shape == (512,) and q["position"].size > 10
+  assert np.all(mask[q["position"] + 1]) and not np.any(mask[q["position"]])
+  records = {int(toks[i + 1]): int(toks[i + 3]) for i in np.flatnonzero(toks == tasks.vocab.KEY) if i + 3 < 512}
+  assert [records[int(toks[p - 1])] for p in q["position"]] == q["truth"].tolist()

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -61,3 +62,21 @@ def test_errors(tmp_path):
     train_tiny.main(["--tiny", "--set", "final_mix=[1.0]", "--out", str(tmp_path)])
   with pytest.raises(ValueError, match="unknown task 'nope'"):
     make_artifacts.main(["--out", str(tmp_path / "a.npz"), "--tasks", "nope"])
+
+
+def test_lookup_probe(trained, tmp_path, monkeypatch):
+  from experiments import probe_lookup  # noqa: PLC0415
+  out, result = trained
+  assert set(result["lookup"]) == {"queries", "accuracy", "latest", "uniform"}
+  got = probe_lookup.main(["--model_path", str(out), "--lengths", "64", "128", "--rows", "4", "--pairs", "4",
+                           "--out", str(tmp_path / "probe.json")])
+  assert json.loads((tmp_path / "probe.json").read_text()) == got
+  for r in got["by_length"].values():
+    assert r["queries"] > 0 and 0 <= r["accuracy"] <= 1 and 0 <= r["latest"] <= 1 and 0 < r["uniform"] <= 1
+  config, params = models.load_default(out)
+  with pytest.raises(ValueError, match="length=4096 exceeds the model's max_seq_len=192"):
+    probe_lookup.lookup_accuracy(config, params, length=4096)
+  # A model that always predicts the true next token scores 1: the probe reads the prediction at ANSWER.
+  oracle = lambda config, params, toks: jax.nn.one_hot(jnp.roll(toks, -1, axis=1), config.vocab_size)  # noqa: E731
+  monkeypatch.setattr(probe_lookup.models, "forward", oracle)
+  assert probe_lookup.lookup_accuracy(config, params, length=128, pairs=4, rows=4)["accuracy"] == 1.0
