@@ -219,8 +219,8 @@ def evaluate(config, params, cfg: TrainConfig, rng: np.random.Generator, vocab, 
 
 
 def probe(config, params, cfg: TrainConfig) -> dict:
-  """The key-lookup probe (experiments/probe_lookup.py): the circuit multi-key, multi-query and variable tracking
-  need, which shows up in it (accuracy above the key-blind baselines) before it shows up in task scores."""
+  """The key-lookup probe (experiments/probe_lookup.py): the circuit multi-key and multi-query needles need, seen
+  as accuracy above the probe's key-blind baselines."""
   return lookup_accuracy(config, params, length=min(cfg.lookup_length, cfg.context), pairs=cfg.recall_pairs,
                          rows=32, seed=cfg.seed + 30_000)
 
