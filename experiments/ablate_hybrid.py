@@ -2,8 +2,9 @@
 
     python experiments/ablate_hybrid.py --out experiments/results/ablation_2048 [--set key=value ...] [--tiny]
 
-For each target ratio, and at quantization's own ratio, the three variants are tuned to hold the same bytes on this model's caches (ratio measured
-from the arrays of an eval_shape'd prefill, which equals a real one's since storage is static-shaped):
+For each target ratio, and at quantization's own ratio, the three variants are tuned to hold the same bytes on this
+model's caches (ratio measured from the arrays of an eval_shape'd prefill, which equals a real one's since storage
+is static-shaped):
   selection   SnapKV (window 32, 4 sinks, 32 recent), bf16, keep fraction bisected to the target;
   quantize    KIVI (keys per channel, values per token, groups of 32, 128 recent bf16) at 2 bits, all tokens: it
               cannot go past its own ratio, so targets above it are reported as out of reach;

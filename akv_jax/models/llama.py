@@ -217,19 +217,16 @@ def _fused_attn(interpret: bool, policy: Policy):
 
 
 def _prefill_attention(config: LlamaConfig, implementation: str | None, interpret: bool, policy: Policy):
-  """The prefill attention function for `implementation` (None: the Pallas kernel on a GPU, XLA elsewhere)."""
-  match implementation:
-    case None:
-      pallas = jax.default_backend() == "gpu" and config.hd >= 16 and not config.hd & (config.hd - 1)
-    case "xla":
-      pallas = False
-    case "pallas":
-      if jax.default_backend() != "gpu" and not interpret:
-        raise ValueError(f"implementation='pallas' needs a GPU (this backend is {jax.default_backend()!r}); "
-                         "pass interpret=True, or use implementation='xla'")
-      pallas = True
-    case _:
-      raise ValueError(f"implementation={implementation!r} is not one of None, 'xla', 'pallas'")
+  """The prefill attention function for `implementation` (None: the Pallas kernel on a GPU, XLA elsewhere).
+
+  Raises the same ValueErrors as decode's dispatch (`akv_jax.decode.check_implementation`), so one call validates
+  a request for the whole model.
+  """
+  check_implementation(implementation, interpret)
+  if implementation is None:
+    pallas = jax.default_backend() == "gpu" and config.hd >= 16 and not config.hd & (config.hd - 1)
+  else:
+    pallas = implementation == "pallas"
   return _fused_attn(interpret, policy) if pallas else _causal_attn
 
 
@@ -382,8 +379,7 @@ def generate(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array,
   for t in stop_tokens:
     if not 0 <= t < config.vocab_size:
       raise ValueError(f"stop token {t} is out of the vocabulary [0, {config.vocab_size})")
-  _prefill_attention(config, implementation, interpret, policy)
-  check_implementation(implementation, interpret)
+  _prefill_attention(config, implementation, interpret, policy)   # validates the request before tracing
   key = jax.random.key(0) if key is None else key
   return _generate(config, params, tokens, lengths, policy, max_new_tokens, float(temperature), int(top_k),
                    tuple(stop_tokens), key, implementation, interpret)
