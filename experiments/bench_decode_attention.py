@@ -115,6 +115,10 @@ def main(argv=None) -> dict:
   copy_gbs = copy_bandwidth(gib, reps)
   print(f"device {jax.devices()[0].device_kind}: copy {copy_gbs:.0f} GB/s (read + write)")
   baselines = dense_baselines(interpret)
+  meta = dict(command="python experiments/bench_decode_attention.py " + " ".join(argv or []),
+              device=jax.devices()[0].device_kind, jax=jax.__version__, platform=platform.machine(),
+              copy_gbs=round(copy_gbs, 1), inner=inner, reps=reps, interpret=interpret,
+              shape=dict(kv_heads=kh, q_heads=n, head_dim=h, layer=layers // 2, num_layers=layers))
   rows = []
   for s in seqs:
     for b in batches:
@@ -153,11 +157,15 @@ def main(argv=None) -> dict:
               f"({row['copy_fraction']:.0%} of copy)  {row['speedup_vs_best_dense']:.2f}x vs dense  err {err:.2e}")
         del ckv
       del kv, k_bshd, v_bshd
-  result = dict(command="python experiments/bench_decode_attention.py " + " ".join(argv or []),
-                device=jax.devices()[0].device_kind, jax=jax.__version__, platform=platform.machine(),
-                copy_gbs=round(copy_gbs, 1), inner=inner, reps=reps, interpret=interpret,
-                shape=dict(kv_heads=kh, q_heads=n, head_dim=h, layer=layers // 2, num_layers=layers), rows=rows)
-  out = pathlib.Path(args.out)
+      write(args.out, dict(meta, rows=rows))
+  return write(args.out, dict(meta, rows=rows))
+
+
+def write(path: str, result: dict) -> dict:
+  """Write the rows measured so far (json and a markdown table). Called after every (S, B), so a run cut short
+  by its time limit still leaves what it measured."""
+  copy_gbs, rows = result["copy_gbs"], result["rows"]
+  out = pathlib.Path(path)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(result, indent=1) + "\n")
   md = [f"{result['device']}, jax {jax.__version__}; copy bandwidth {copy_gbs:.0f} GB/s (read + write)", "",

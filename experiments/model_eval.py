@@ -52,7 +52,7 @@ def draw_prompts(task_names, lengths, samples: int, batch: int, seed: int) -> li
 class TextTasks:
   """The tasks rendered as text for a checkpoint with its own tokenizer (a Hugging Face Llama, say).
 
-  A prompt becomes its readable names ("<niah_single> w5 KEY k3 VALUE v1 v7 ... QUERY k3 ANSWER", see
+  A prompt becomes its readable names ("<niah_single> w5 KEY k3 v1 v7 ... QUERY k3", see
   akv_jax.tasks.Vocab.describe) encoded by the tokenizer; a generation is decoded to text, read back name by name
   up to the first that is not in the task vocabulary (or "<eos>", or a stop token), and scored by the task's rule.
   """

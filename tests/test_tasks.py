@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from akv_jax import tasks
-from akv_jax.tasks.vocab import ANSWER, BOS, EOS, EQ, KEY, PAD, QUERY, SEP, VALUE, VAR
+from akv_jax.tasks.vocab import BOS, EOS, KEY, PAD, QUERY, SEP, VAR
 
 VOCAB = tasks.Vocab()
 LENGTHS = (64, 512, 1000, 2048)
@@ -18,34 +18,33 @@ SAMPLES_PER_CASE = 50
 def solve(prompt: np.ndarray, vocab: tasks.Vocab) -> list[int]:
   """Recompute the answer from the prompt tokens alone, by parsing and brute force (shares no task code)."""
   p = prompt.tolist()
-  assert p[0] == BOS and p[-1] == ANSWER and p.count(QUERY) == 1
+  assert p[0] == BOS and p.count(QUERY) == 1
   task = vocab.name(p[1]).strip("<>")
   q = p.index(QUERY)
-  body, query = p[2:q], p[q + 1:-1]
+  body, query = p[2:q], p[q + 1:]
   keys, values, words = set(vocab.key_ids), set(vocab.value_ids), set(vocab.word_ids)
 
   if task.startswith("niah"):
     needles, i = [], 0
     while i < len(body):
       if body[i] == KEY:
-        assert body[i + 1] in keys and body[i + 2] == VALUE
-        j = i + 3
+        assert body[i + 1] in keys
+        j = i + 2
         while j < len(body) and body[j] in values:
           j += 1
-        assert j > i + 3, "a needle without values"
-        needles.append((body[i + 1], body[i + 3:j]))
+        assert j > i + 2, "a needle without values"
+        needles.append((body[i + 1], body[i + 2:j]))
         i = j
       else:
         assert body[i] in words, vocab.name(body[i])
         i += 1
-    matches = [[v for k, v in needles if k == qk] for qk in query]
     if task == "niah_multivalue":
       assert len(query) == 1 and len(needles) == 4 and len({k for k, _ in needles}) == 1
-      groups = matches[0]
     else:
       assert len({k for k, _ in needles}) == len(needles), "keys must be distinct"
-      assert all(len(m) == 1 for m in matches)
-      groups = [m[0] for m in matches]
+      assert set(query) <= {k for k, _ in needles} and len(set(query)) == len(query)
+    # Every needle whose key is queried, in prompt order.
+    groups = [v for k, v in needles if k in query]
     out = []
     for g in groups:
       out += ([SEP] if out else []) + g
@@ -55,11 +54,11 @@ def solve(prompt: np.ndarray, vocab: tasks.Vocab) -> list[int]:
     assign, order, i = {}, [], 0
     while i < len(body):
       if body[i] == VAR:
-        name, eq, src = body[i + 1:i + 4]
-        assert name in keys and eq == EQ and name not in assign
+        src, name = body[i + 1:i + 3]
+        assert name in keys and name not in assign
         assign[name] = src
         order.append(name)
-        i += 4
+        i += 3
       else:
         assert body[i] in words
         i += 1
@@ -111,7 +110,7 @@ def test_needle_depths_cover_the_prompt():
 
 def test_max_answer_length_is_reached():
   longest = {n: 0 for n in tasks.TASK_NAMES}
-  batch = tasks.make_batch(tasks.TASK_NAMES, np.random.default_rng(11), 128, VOCAB, 7 * 200)
+  batch = tasks.make_batch(tasks.TASK_NAMES, np.random.default_rng(11), 128, VOCAB, 7 * 400)
   for s in batch.samples:
     longest[s.task] = max(longest[s.task], len(s.answer))
   assert longest == {n: t.max_answer_length() for n, t in tasks.TASKS.items()}
@@ -122,7 +121,7 @@ def test_max_answer_length_is_reached():
 def test_describe():
   s = tasks.get_task("niah_single").generate(np.random.default_rng(0), 2048, VOCAB)
   text = tasks.describe(s, VOCAB)
-  needle = " ".join(VOCAB.decode(s.prompt[s.evidence[0]:s.evidence[0] + len(s.answer) + 2]))
+  needle = " ".join(VOCAB.decode(s.prompt[s.evidence[0]:s.evidence[0] + len(s.answer) + 1]))
   assert text.startswith(f"niah_single: T=2048 A={len(s.answer)} evidence at [{s.evidence[0]}]\n")
   assert needle in text and "words)..." in text and len(text) < 600
   assert text.endswith(f"  answer: {VOCAB.describe(s.answer)}")
@@ -164,8 +163,8 @@ def test_training_sequence_masks_only_the_answer():
   np.testing.assert_array_equal(tokens, np.concatenate([s.prompt, s.answer]))
   assert tokens.dtype == np.int32 and mask.dtype == bool
   assert not mask[:128].any() and mask[128:].all()
-  # The ANSWER position is the input whose next-token target is the first answer token.
-  assert tokens[:-1][mask[1:]][0] == ANSWER
+  # The prompt's last position (the queried key) is the input whose next-token target is the first answer token.
+  assert tokens[:-1][mask[1:]][0] == s.prompt[-1] and s.prompt[-1] in VOCAB.key_ids
 
   samples = tasks.make_batch(tasks.TASK_NAMES, np.random.default_rng(2), [64, 80] * 3 + [64], VOCAB, 7).samples
   toks, masks = tasks.training_batch(samples, length=120)
@@ -179,7 +178,7 @@ def test_training_sequence_masks_only_the_answer():
 
 
 def sample_of(task: str, answer: str) -> tasks.Sample:
-  prompt = VOCAB.encode(f"<bos> <{task}> QUERY ANSWER")
+  prompt = VOCAB.encode(f"<bos> <{task}> QUERY")
   return tasks.Sample(prompt=prompt, answer=VOCAB.encode(answer + " <eos>"), task=task)
 
 
@@ -190,8 +189,9 @@ def sample_of(task: str, answer: str) -> tasks.Sample:
     ("niah_single", "v1 v2", "v1 v2 v3", 0.0),
     ("niah_multikey", "v1 v2 v3", "v1 v2 v3 <eos>", 1.0),
     ("niah_multiquery", "v1 v2 SEP v3 SEP v4", "v1 v2 SEP v9 SEP v4", 2 / 3),
-    ("niah_multiquery", "v1 v2 SEP v3 SEP v4", "v3 SEP v1 v2 SEP v4", 1 / 3),   # query order matters
+    ("niah_multiquery", "v1 v2 SEP v3 SEP v4", "v3 SEP v1 v2 SEP v4", 1.0),    # recall ignores order
     ("niah_multiquery", "v1 v2 SEP v3 SEP v4", "v1 v2", 1 / 3),
+    ("niah_multiquery", "v1 v2 SEP v3", "v1 SEP v3", 0.5),                      # groups match whole
     ("niah_multivalue", "v1 SEP v2 v3 SEP v4 SEP v5", "v5 SEP v1 <eos>", 0.5),
     ("niah_multivalue", "v1 SEP v2 v3 SEP v4 SEP v5", "v1 SEP v2 SEP v4 SEP v5", 0.75),  # groups match whole
     ("niah_multivalue", "v1 SEP v2 SEP v3 SEP v4", "v6 SEP v7 SEP v8 SEP v9 SEP v1", 0.0),  # first 4 groups only
@@ -229,17 +229,17 @@ def test_score_batch_per_task_and_average():
 
 
 def test_vocab_layout_and_names():
-  assert VOCAB.size == 10 + 7 + 64 + 64 + 256 <= 512
-  groups = [range(10), range(10, 17), VOCAB.key_ids, VOCAB.value_ids, VOCAB.word_ids]
+  assert VOCAB.size == 7 + 7 + 64 + 64 + 256 <= 512
+  groups = [range(7), range(7, 14), VOCAB.key_ids, VOCAB.value_ids, VOCAB.word_ids]
   assert [g.start for g in groups[1:]] == [g.stop for g in groups[:-1]]
-  assert VOCAB.task_id("niah_single") == 10 and VOCAB.task_id("frequent_words") == 16
-  assert VOCAB.describe([BOS, 10, KEY, VOCAB.key_ids[17], VALUE, VOCAB.value_ids[3], VOCAB.word_ids[88]]) == \
-      "<bos> <niah_single> KEY k17 VALUE v3 w88"
+  assert VOCAB.task_id("niah_single") == 7 and VOCAB.task_id("frequent_words") == 13
+  assert VOCAB.describe([BOS, 7, KEY, VOCAB.key_ids[17], VOCAB.value_ids[3], VOCAB.word_ids[88], VAR]) == \
+      "<bos> <niah_single> KEY k17 v3 w88 VAR"
   every = np.arange(VOCAB.size, dtype=np.int32)
   np.testing.assert_array_equal(VOCAB.encode(VOCAB.describe(every)), every)
   assert VOCAB.name(VOCAB.size) == f"<unk:{VOCAB.size}>"
   small = tasks.Vocab(num_keys=8, num_values=8, num_words=16)
-  assert small.size == 10 + 7 + 32 and small.name(small.size - 1) == "w15"
+  assert small.size == 7 + 7 + 32 and small.name(small.size - 1) == "w15"
 
 
 def test_registry_matches_vocab_markers():
@@ -330,10 +330,10 @@ def test_bad_inputs(call, match):
 
 def test_recall_queries_reads_the_stream():
   k1, k2, v1, v2, v3, w = 17, 18, 81, 82, 83, 145
-  toks = np.array([BOS, KEY, k1, VALUE, v1, w, KEY, k2, VALUE, v2, v3, QUERY, k1, ANSWER, v1, EOS,
-                   QUERY, k2, ANSWER, v2, v3, EOS, QUERY, k1, ANSWER])   # the last answer is cut off
+  toks = np.array([BOS, KEY, k1, v1, w, KEY, k2, v2, v3, QUERY, k1, v1, EOS,
+                   QUERY, k2, v2, v3, EOS, QUERY, k1])   # the last answer is cut off
   q = tasks.recall_queries(toks)
-  np.testing.assert_array_equal(q["position"], [13, 18])
+  np.testing.assert_array_equal(q["position"], [10, 14])
   np.testing.assert_array_equal(q["truth"], [v1, v2])
   np.testing.assert_array_equal(q["latest"], [v2, v2])
   np.testing.assert_array_equal(q["seen"], [2, 2])
@@ -345,5 +345,5 @@ def test_recall_stream_queries_only_seen_keys():
   q = tasks.recall_queries(toks)
   assert toks.shape == mask.shape == (512,) and q["position"].size > 10
   assert np.all(mask[q["position"] + 1]) and not np.any(mask[q["position"]])
-  records = {int(toks[i + 1]): int(toks[i + 3]) for i in np.flatnonzero(toks == tasks.vocab.KEY) if i + 3 < 512}
-  assert [records[int(toks[p - 1])] for p in q["position"]] == q["truth"].tolist()
+  records = {int(toks[i + 1]): int(toks[i + 2]) for i in np.flatnonzero(toks == tasks.vocab.KEY) if i + 2 < 512}
+  assert [records[int(toks[p])] for p in q["position"]] == q["truth"].tolist()

@@ -28,7 +28,7 @@ def test_train_tiny_writes_a_loadable_model(trained):
   log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
   assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
   config, params = models.load_default(out)
-  assert config.vocab_size == 401 and config.max_seq_len == 192
+  assert config.vocab_size == 398 and config.max_seq_len == 192
   toks = jnp.ones((1, 20), jnp.int32)
   out_tokens, count, _ = models.generate(config, params, toks, jnp.array([20]), akv.presets.get("full"), 4)
   assert out_tokens.shape == (1, 4) and int(count[0]) == 4
@@ -76,7 +76,7 @@ def test_lookup_probe(trained, tmp_path, monkeypatch):
   config, params = models.load_default(out)
   with pytest.raises(ValueError, match="length=4096 exceeds the model's max_seq_len=192"):
     probe_lookup.lookup_accuracy(config, params, length=4096)
-  # A model that always predicts the true next token scores 1: the probe reads the prediction at ANSWER.
+  # A model that always predicts the true next token scores 1: the probe reads the prediction at the queried key.
   oracle = lambda config, params, toks: jax.nn.one_hot(jnp.roll(toks, -1, axis=1), config.vocab_size)  # noqa: E731
   monkeypatch.setattr(probe_lookup.models, "forward", oracle)
   assert probe_lookup.lookup_accuracy(config, params, length=128, pairs=4, rows=4)["accuracy"] == 1.0

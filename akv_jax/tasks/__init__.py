@@ -7,15 +7,16 @@ and every score is an exact rule on token ids. This package imports no model cod
 Shapes: B batch, S prompt length (the cache length), T tokens of one prompt, A answer tokens (EOS included),
 L training tokens (T + A, padded).
 
-Prompts are  BOS <task marker> body QUERY query.. ANSWER,  answers end with EOS (formats in each task module):
+Prompts are  BOS <task marker> body QUERY query..;  answers follow the query and end with EOS (formats in each
+task module):
 
-  niah_single        body: words with  KEY k VALUE v v (v v)        QUERY k ANSWER      -> v v (v v) EOS
-  niah_multikey      4 needles, distinct keys                       QUERY k ANSWER      -> v.. EOS
-  niah_multivalue    4 needles, one shared key                      QUERY k ANSWER      -> v.. SEP v.. SEP .. EOS
-  niah_multiquery    4 needles, 2-4 keys queried                    QUERY k k .. ANSWER -> v.. SEP v.. .. EOS
-  variable_tracking  VAR x1 = v, VAR x2 = x1, .. (2 chains)         QUERY v ANSWER      -> x1 x2 .. EOS
-  common_words       a word list with 3 common words                QUERY ANSWER        -> w w w EOS
-  frequent_words     a Zipf word stream                             QUERY ANSWER        -> w w w EOS
+  niah_single        body: words with  KEY k v v (v v)              QUERY k        -> v v (v v) EOS
+  niah_multikey      4 needles, distinct keys                       QUERY k        -> v.. EOS
+  niah_multivalue    4 needles, one shared key                      QUERY k        -> v.. SEP v.. SEP .. EOS
+  niah_multiquery    4 needles, 2-4 keys queried                    QUERY k k ..   -> v.. SEP v.. .. EOS
+  variable_tracking  VAR v x1, VAR x1 x2, .. (2 chains)             QUERY v        -> x1 x2 .. EOS
+  common_words       a word list with 3 common words                QUERY          -> w w w EOS
+  frequent_words     a Zipf word stream                             QUERY          -> w w w EOS
 
 Typical use:
 

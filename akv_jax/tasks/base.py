@@ -1,6 +1,7 @@
 """What every task shares: the Sample record, the Task protocol, prompt assembly, haystack filling, scoring rules.
 
-A prompt is always  BOS <task marker> body QUERY query... ANSWER  and an answer is  answer... EOS.
+A prompt is always  BOS <task marker> body QUERY query...  and its answer  answer... EOS  follows the query
+directly (see akv_jax.tasks.vocab for why there is no marker between them).
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from akv_jax.tasks.vocab import ANSWER, BOS, EOS, QUERY, SEP, Vocab
+from akv_jax.tasks.vocab import BOS, EOS, QUERY, SEP, Vocab
 
-# Prompt tokens that are not body: BOS, the task marker, QUERY and ANSWER (query content is counted per task).
-FRAME_TOKENS = 4
+# Prompt tokens that are not body: BOS, the task marker and QUERY (query content is counted per task).
+FRAME_TOKENS = 3
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -21,7 +22,7 @@ class Sample:
   """One generated example.
 
   Attributes:
-    prompt: i32[T], BOS first and ANSWER last, exactly the requested length.
+    prompt: i32[T], BOS first and the query last, exactly the requested length.
     answer: i32[A], the tokens a perfect model generates after the prompt, EOS last.
     task: name of the task that made it (a key of `TASKS`).
     evidence: prompt positions where the records the answer reads start (needles, chain statements), in
@@ -75,9 +76,9 @@ def check_range(name: str, value: tuple[int, int], low: int) -> None:
 
 
 def assemble(vocab: Vocab, task: str, body: np.ndarray, query: Sequence[int]) -> np.ndarray:
-  """BOS marker body QUERY query ANSWER -> i32[T]."""
+  """BOS marker body QUERY query -> i32[T]."""
   head = np.asarray([BOS, vocab.task_id(task)], np.int32)
-  tail = np.asarray([QUERY, *query, ANSWER], np.int32)
+  tail = np.asarray([QUERY, *query], np.int32)
   return np.concatenate([head, np.asarray(body, np.int32), tail])
 
 

@@ -1,17 +1,18 @@
 """Needle-in-a-haystack tasks (RULER's NIAH family) over random-word haystacks.
 
-A needle is the record  KEY k VALUE v1 .. vm  (m drawn per needle from `value_len`). Every key in a sample is
-distinct, and so is every value id, so an answer group names exactly one needle.
+A needle is the record  KEY k v1 .. vm  (m drawn per needle from `value_len`). Every key in a sample is distinct,
+and so is every value id, so an answer group names exactly one needle.
 
-  niah_single       1 needle;                     QUERY k ANSWER          -> v1..vm EOS
-  niah_multikey     4 needles, distinct keys;     QUERY k ANSWER          -> the queried needle's values EOS
-  niah_multivalue   4 needles sharing one key;    QUERY k ANSWER          -> g1 SEP g2 SEP g3 SEP g4 EOS,
-                                                                             groups in order of appearance
-  niah_multiquery   4 needles, distinct keys;     QUERY ka kb (kc kd) ANSWER -> ga SEP gb (SEP gc SEP gd) EOS,
-                    2-4 keys queried                                         groups in query order
+  niah_single       1 needle;                     QUERY k               -> v1..vm EOS
+  niah_multikey     4 needles, distinct keys;     QUERY k               -> the queried needle's values EOS
+  niah_multivalue   4 needles sharing one key;    QUERY k               -> g1 SEP g2 SEP g3 SEP g4 EOS
+  niah_multiquery   4 needles, distinct keys;     QUERY ka kb (kc kd)   -> the queried needles' groups,
+                    2-4 keys queried, in random order                  SEP-separated, EOS
+  Answer groups are listed in order of appearance in the prompt.
 
-Scores: niah_multivalue is group recall (`base.recall` over SEP-separated groups); the others are the fraction of
-queried keys whose group matches exactly, which for a single query is exact match.
+Scores: niah_multivalue and niah_multiquery are group recall (`base.recall` over SEP-separated groups): every
+group must be there, in any order, as RULER scores its multi-value and multi-query tasks (all references in the
+output); niah_single and niah_multikey are exact match.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from akv_jax.tasks import base
-from akv_jax.tasks.vocab import KEY, VALUE, Vocab
+from akv_jax.tasks.vocab import KEY, Vocab
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -32,7 +33,8 @@ class NeedleTask:
   Attributes:
     name: task name (must have a marker in the vocab).
     num_needles: needles in the haystack.
-    num_queries: inclusive range of keys queried per sample (distinct needles, random order).
+    num_queries: inclusive range of keys queried per sample (distinct needles, random order); more than
+      one is scored as group recall.
     shared_key: every needle carries the same key and the one query asks for all their values (multivalue).
     value_len: inclusive range of value ids per needle.
   """
@@ -55,7 +57,7 @@ class NeedleTask:
 
   def min_length(self, vocab: Vocab) -> int:
     # Worst case: every needle at the longest value, the most queries, no filler left.
-    return base.FRAME_TOKENS + self.num_needles * (2 + 1 + self.value_len[1]) + self.num_queries[1]
+    return base.FRAME_TOKENS + self.num_needles * (2 + self.value_len[1]) + self.num_queries[1]
 
   def max_answer_length(self) -> int:
     groups = self.num_needles if self.shared_key else self.num_queries[1]
@@ -73,7 +75,7 @@ class NeedleTask:
     values = vocab.value_ids.start + rng.choice(vocab.num_values, int(lens.sum()), replace=False)
     groups = np.split(values, np.cumsum(lens)[:-1])
     needle_keys = np.repeat(keys, n) if self.shared_key else keys
-    records = [[KEY, int(k), VALUE, *g.tolist()] for k, g in zip(needle_keys, groups)]
+    records = [[KEY, int(k), *g.tolist()] for k, g in zip(needle_keys, groups)]
 
     if self.shared_key:
       query, chosen = [int(keys[0])], list(range(n))
@@ -85,14 +87,15 @@ class NeedleTask:
     body_len = length - base.FRAME_TOKENS - len(query)
     body, starts = base.haystack(rng, vocab, body_len, records)
     prompt = base.assemble(vocab, self.name, body, query)
-    answer = base.with_eos(base.join_groups([groups[i] for i in chosen]))
-    evidence = tuple(2 + starts[i] for i in chosen)
+    # Records sit in the body in needle order, so sorted needle indices list the answer groups in prompt order.
+    answer = base.with_eos(base.join_groups([groups[i] for i in sorted(chosen)]))
+    evidence = tuple(2 + starts[i] for i in sorted(chosen))
     return base.Sample(prompt=prompt, answer=answer, task=self.name, evidence=evidence)
 
   def score(self, prediction: Sequence[int], sample: base.Sample) -> float:
     predicted = base.split_groups(base.until_eos(prediction))
     expected = base.split_groups(sample.answer[:-1].tolist())
-    if self.shared_key:
+    if self.shared_key or self.num_queries[1] > 1:
       return base.recall(predicted, expected)
     return base.ordered_match(predicted, expected)
 

@@ -1,10 +1,9 @@
 """Dense associative recall in the tasks' own format: training data for the lookup circuit, and its probe.
 
-A stream is filler words with records  KEY k VALUE v..  and, for keys already seen, queries
-QUERY k ANSWER v.. EOS. Multi-key and multi-query needles and variable tracking all need this lookup (answer
-with the record whose key matches the query); single needles and multi-value needles do not, because every
-record there is an answer. Every query's answer is supervised, so one stream carries many retrieval examples
-where a task prompt carries one.
+A stream is filler words with records  KEY k v..  and, for keys already seen, queries  QUERY k v.. EOS.
+Multi-key and multi-query needles and variable tracking all need this lookup (answer with the record whose key
+matches the query); single needles and multi-value needles do not, because every record there is an answer.
+Every query's answer is supervised, so one stream carries many retrieval examples where a task prompt carries one.
 
 Shapes: L stream length, Q queries in a stream.
 """
@@ -13,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from akv_jax.tasks.vocab import ANSWER, BOS, EOS, KEY, QUERY, VALUE, Vocab
+from akv_jax.tasks.vocab import BOS, EOS, KEY, QUERY, Vocab
 
 
 def recall_stream(rng: np.random.Generator, length: int, vocab: Vocab, n_pairs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -28,15 +27,15 @@ def recall_stream(rng: np.random.Generator, length: int, vocab: Vocab, n_pairs: 
   while len(toks) < length:
     r = rng.random()
     if r < 0.12 and seen < n_pairs:
-      rec = [KEY, int(keys[seen]), VALUE, *map(int, vals[seen])]
+      rec = [KEY, int(keys[seen]), *map(int, vals[seen])]
       toks += rec
       mask += [False] * len(rec)
       seen += 1
     elif r < 0.3 and seen:
       i = int(rng.integers(seen))
       ans = [*map(int, vals[i]), EOS]
-      toks += [QUERY, int(keys[i]), ANSWER, *ans]
-      mask += [False] * 3 + [True] * len(ans)
+      toks += [QUERY, int(keys[i]), *ans]
+      mask += [False] * 2 + [True] * len(ans)
     else:
       toks.append(int(rng.choice(words)))
       mask.append(False)
@@ -48,7 +47,7 @@ def recall_queries(tokens: np.ndarray) -> dict[str, np.ndarray]:
   ignores the queried key could answer.
 
   Returns:
-    position: i32[Q], each query's ANSWER token (a model's prediction there is its first answer token);
+    position: i32[Q], each query's key (a model's prediction there is its first answer token);
     truth: i32[Q], the queried record's first value;
     latest: i32[Q], the first value of the most recent record (the answer of a model that ignores the key);
     seen: i32[Q], records seen so far (a uniform guess among them is right 1 / seen of the time).
@@ -56,11 +55,11 @@ def recall_queries(tokens: np.ndarray) -> dict[str, np.ndarray]:
   firsts = []   # first value of each record, in order
   out = {"position": [], "truth": [], "latest": [], "seen": []}
   for i in range(len(tokens) - 1):
-    if tokens[i] == KEY and i + 3 < len(tokens):
-      firsts.append(int(tokens[i + 3]))
-    elif tokens[i] == ANSWER and firsts:
-      out["position"].append(i)
-      out["truth"].append(int(tokens[i + 1]))
+    if tokens[i] == KEY and i + 2 < len(tokens):
+      firsts.append(int(tokens[i + 2]))
+    elif tokens[i] == QUERY and firsts and i + 2 < len(tokens):
+      out["position"].append(i + 1)
+      out["truth"].append(int(tokens[i + 2]))
       out["latest"].append(firsts[-1])
       out["seen"].append(len(firsts))
   return {k: np.asarray(v, np.int32) for k, v in out.items()}

@@ -30,7 +30,7 @@ class Batch:
 
   Attributes:
     prompts: i32[B, S] prompts, PAD after each row's length; S is the longest requested length.
-    lengths: i32[B] prompt tokens per row (BOS through ANSWER).
+    lengths: i32[B] prompt tokens per row (BOS through the query).
     answers: i32[B, A] expected generations, PAD after each row's EOS; A is the longest answer.
     answer_lengths: i32[B] answer tokens per row, EOS included.
     samples: the B samples, in row order.
@@ -90,7 +90,7 @@ def training_sequence(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
   """Prompt then answer, for teacher forcing.
 
   Returns tokens i32[T + A] and loss_mask bool[T + A], True on the answer tokens. With inputs tokens[:-1] and
-  targets tokens[1:], weight the loss by loss_mask[1:]: the position holding ANSWER predicts the first answer
+  targets tokens[1:], weight the loss by loss_mask[1:]: the prompt's last position predicts the first answer
   token and the last answer token before EOS predicts EOS.
   """
   tokens = np.concatenate([sample.prompt, sample.answer]).astype(np.int32)

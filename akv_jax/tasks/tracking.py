@@ -1,16 +1,18 @@
 """Variable tracking (RULER's multi-hop tracing): follow assignment chains through a random-word haystack.
 
-A chain of n variables x1..xn (key ids) bound to a value id v is the n statements
+A chain of n variables x1..xn (key ids) bound to a value id v is the n statements  VAR source target,  read
+"target takes the value of source":
 
-  VAR x1 = v    VAR x2 = x1    ...    VAR xn = x(n-1)
+  VAR v x1    VAR x1 x2    ...    VAR x(n-1) xn
 
-each 4 tokens, placed at random depths with a chain's statements in chain order; chains interleave. Every
+each 3 tokens, placed at random depths with a chain's statements in chain order; chains interleave. Every
 variable and every chain value in a sample is distinct. The prompt queries the first chain's value:
 
-  QUERY v ANSWER  ->  x1 x2 .. xn EOS
+  QUERY v  ->  x1 x2 .. xn EOS
 
-i.e. every variable whose value resolves to v, in chain order, which is also their order of appearance. The
-other chains are distractors. Score: recall (`base.recall`) of the variables.
+i.e. every variable whose value resolves to v, in chain order, which is also their order of appearance. Each hop
+reads the id right after the previous answer's id in a statement (a one-back copy; see akv_jax.tasks.vocab).
+The other chains are distractors. Score: recall (`base.recall`) of the variables.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from akv_jax.tasks import base
-from akv_jax.tasks.vocab import EQ, VAR, Vocab
+from akv_jax.tasks.vocab import VAR, Vocab
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,7 +44,7 @@ class VariableTracking:
     base.check_range("chain_len", self.chain_len, 1)
 
   def min_length(self, vocab: Vocab) -> int:
-    return base.FRAME_TOKENS + 4 * self.num_chains * self.chain_len[1] + 1
+    return base.FRAME_TOKENS + 3 * self.num_chains * self.chain_len[1] + 1
 
   def max_answer_length(self) -> int:
     return self.chain_len[1] + 1
@@ -65,7 +67,7 @@ class VariableTracking:
     for c in order.tolist():
       j = taken[c]
       source = values[c] if j == 0 else chains[c][j - 1]
-      records.append([VAR, int(chains[c][j]), EQ, int(source)])
+      records.append([VAR, int(source), int(chains[c][j])])
       owner.append(c)
       taken[c] += 1
 

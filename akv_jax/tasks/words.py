@@ -1,6 +1,6 @@
 """Aggregation tasks (RULER's CWE and FWE): the body is a word stream and the answer is its most frequent words.
 
-Both prompts are  BOS <marker> w.. w.. (the whole body) QUERY ANSWER  and answers list the top words in
+Both prompts are  BOS <marker> w.. w.. (the whole body) QUERY  and answers list the top words in
 descending frequency, EOS last. Ties cannot happen: the counts of the answered words are strictly decreasing and
 strictly above every other word's count, by construction (cwe) or by rejection (fwe). Score: recall
 (`base.recall`) of the answered words.
