@@ -29,6 +29,9 @@ import sys
 import time
 from typing import Callable
 
+if __package__ in (None, ""):
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import jax
 import jax.numpy as jnp
 import numpy as np

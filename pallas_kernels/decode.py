@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.dots import dot_nn, dot_nt
+
 _MASKED = -1e30          # finite, so a fully masked block cannot produce inf - inf = NaN
 _MIN_ROWS = 16           # smallest dot dimension on the Triton backend: the G query heads are padded to it
 QUANT_BITS = (2, 4, 8)
@@ -126,7 +128,7 @@ def _update(state, s, valid, values):
   alpha = jnp.exp(m - m_new)
   p = jnp.where(valid[None, :], jnp.exp(s - m_new[:, None]), 0.0)
   l = l * alpha + jnp.sum(p, axis=1)
-  accs = tuple(a * alpha[:, None] + jnp.dot(p, v, preferred_element_type=jnp.float32) for a, v in zip(accs, values))
+  accs = tuple(a * alpha[:, None] + dot_nn(p, v) for a, v in zip(accs, values))
   return m_new, l, accs
 
 
@@ -157,7 +159,7 @@ def _kernel(fmt: Format, splits: int, side_block: int, *refs):
     valid = (slot >= lo) & (slot < hi)
     m2 = jnp.broadcast_to(valid[:, None], (side_block, h))
     k = plgpu.load(k_ref.at[pl.ds(start, side_block), :], mask=m2, other=0).astype(jnp.float32)
-    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32)
+    s = dot_nt(q, k)
     values = [plgpu.load(v_ref.at[pl.ds(start, side_block), pl.ds(i * vsub, vsub)],
                          mask=jnp.broadcast_to(valid[:, None], (side_block, vsub)), other=0).astype(jnp.float32)
               for i in range(nv)]
@@ -182,7 +184,7 @@ def _kernel(fmt: Format, splits: int, side_block: int, *refs):
       (k_ref,) = k_refs
       k = plgpu.load(k_ref.at[pl.ds(row, bb), :], mask=jnp.broadcast_to(valid[:, None], (bb, h)),
                      other=0).astype(jnp.float32)
-      s = jnp.dot(q, k.T, preferred_element_type=jnp.float32)
+      s = dot_nt(q, k)
     else:
       codes_ref, scale_ref, zero_ref = k_refs
       group = row // fmt.key_group   # the block is exactly one key group
@@ -190,7 +192,7 @@ def _kernel(fmt: Format, splits: int, side_block: int, *refs):
       s = jnp.sum(q * zero, axis=1, keepdims=True)                                   # sum_c q_c * min_c
       for sub, (qi, c) in enumerate(zip(q_subs, _codes(codes_ref, row, bb, valid, fmt.key_bits))):
         scale = scale_ref[pl.ds(group, 1), pl.ds(sub * ksub, ksub)].astype(jnp.float32)  # [1, H/n]
-        s = s + jnp.dot(qi * scale, c.T, preferred_element_type=jnp.float32)
+        s = s + dot_nt(qi * scale, c)
     return _update(state, s, valid, _value_block(fmt, v_refs, row, bb, valid, h))
 
   def side_loop(state, k_ref, v_ref, lo, hi, first, count):

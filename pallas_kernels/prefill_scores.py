@@ -31,6 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.dots import dot_nn, dot_nt
+
 # Finite, so that a fully masked block gives exp2(MASK - m) = 0 instead of the NaN of -inf - -inf.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2_E = math.log2(math.e)
@@ -47,18 +49,6 @@ def _load(ref, mask):
 
 def _store(ref, val, mask):
   plgpu.store(ref, val.astype(ref.dtype), mask=mask)
-
-
-def _dot_nt(a, b):
-  """f32[M, N] = a[M, H] @ b[N, H]^T. HIGHEST makes f32 inputs use IEEE f32 instead of TF32 on tensor cores."""
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
-                         preferred_element_type=jnp.float32)
-
-
-def _dot_nn(a, b):
-  """f32[M, N] = a[M, H] @ b[H, N]."""
-  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
-                         preferred_element_type=jnp.float32)
 
 
 def _cdiv(a, b: int):
@@ -97,7 +87,7 @@ def _attention_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, *lse_refs, seq_le
     # Padding keys are zeroed on load: a NaN there would survive the mask through p @ v (0 * NaN).
     k = _load(k_ref.at[pl.ds(k0, block_k), :], col_ok[:, None])
     v = _load(v_ref.at[pl.ds(k0, block_k), :], col_ok[:, None])
-    s = _dot_nt(q, k) * qk_scale
+    s = dot_nt(q, k) * qk_scale
     # The causal mask alone hides padding keys from valid rows (s <= t < length); padding rows see them, as zeroed
     # keys, which keeps their softmax finite before they are zeroed at the end.
     s = jnp.where(cols[None, :] <= rows[:, None], s, _MASK_VALUE)
@@ -106,7 +96,7 @@ def _attention_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, *lse_refs, seq_le
     # give exp2(MASK - m) = 0 exactly; no separate where on p is needed.
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s - m_new[:, None])
-    acc = acc * alpha[:, None] + _dot_nn(p.astype(v.dtype), v)
+    acc = acc * alpha[:, None] + dot_nn(p.astype(v.dtype), v)
     return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
   h = q_ref.shape[-1]
@@ -154,7 +144,7 @@ def _scores_kernel(lengths_ref, q_ref, k_ref, lse_ref, *out_refs, seq_len: int, 
     row_ok = rows < length
     q = _load(q_ref.at[pl.ds(t0, n_rows), g, :], row_ok[:, None])
     lse = _load(lse_ref.at[g, pl.ds(t0, n_rows)], row_ok)
-    s = _dot_nt(q, k) * qk_scale
+    s = dot_nt(q, k) * qk_scale
     # Valid rows only see keys s <= t < length, so this also zeroes padding keys.
     mask = row_ok[:, None] & (cols[None, :] <= rows[:, None])
     return rows, jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
