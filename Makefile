@@ -25,9 +25,9 @@ test: setup
 	$(PY) -m pytest $(KERNEL_TESTS)
 	$(PY) -m pytest tests $(addprefix --ignore=,$(KERNEL_TESTS))
 
-# Regenerates every CPU result file the README quotes. On a 2-core CPU the sweep alone takes about 30 minutes (13
-# policies at about 2 minutes each; per-policy seconds in its results.json), and the ablation adds more. GPU
-# results come from experiments/gpu_check.sh on a GPU machine.
+# Regenerates every CPU result file the README quotes, in about 70 minutes on a 2-core CPU: the sweep about 30 (13
+# policies at about 2 minutes each; per-policy seconds in its results.json), the ablation about 20, the format
+# probe about 16. GPU results come from experiments/gpu_check.sh on a GPU machine.
 results: setup
 	$(PY) experiments/preset_ratios.py --out experiments/results/preset_ratios.json
 	$(PY) experiments/synthetic.py --out out/artifacts/synthetic_8k --dtype bfloat16 --seq_len 8192 --layers 8 \
@@ -38,3 +38,4 @@ results: setup
 	$(PY) experiments/sweep.py --out experiments/results/sweep_2048 --no_progress
 	$(PY) experiments/ablate_hybrid.py --no_progress
 	$(PY) experiments/probe_lookup.py --out experiments/results/lookup_probe_default.json
+	$(PY) experiments/probe_format.py --no_progress --out experiments/results/probe_format.json

@@ -1,4 +1,4 @@
-"""train_tiny.py and make_artifacts.py end to end at smoke size; load_default's errors."""
+"""train_tiny.py, probe_format.py and make_artifacts.py end to end at smoke size; load_default's errors."""
 
 import json
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import akv_jax as akv
-from akv_jax import models
-from experiments import make_artifacts, synthetic, train_tiny
+from akv_jax import models, tasks
+from experiments import make_artifacts, probe_format, synthetic, train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +80,31 @@ def test_lookup_probe(trained, tmp_path, monkeypatch):
   oracle = lambda config, params, toks: jax.nn.one_hot(jnp.roll(toks, -1, axis=1), config.vocab_size)  # noqa: E731
   monkeypatch.setattr(probe_lookup.models, "forward", oracle)
   assert probe_lookup.lookup_accuracy(config, params, length=128, pairs=4, rows=4)["accuracy"] == 1.0
+
+
+def test_probe_format_streams():
+  vocab = tasks.Vocab()
+  for fmt in probe_format.FORMATS:
+    toks, mask, probes = probe_format.stream(np.random.default_rng(0), fmt, 256, vocab, 8)
+    assert toks.shape == mask.shape == (256,) and len(probes) > 5
+    for pos, truth, latest in probes:
+      # The probed position is the last query token: teacher forcing puts the first answer id right after it.
+      assert toks[pos + 1] == truth and mask[pos + 1] and not mask[pos]
+      assert latest in vocab.value_ids
+  # "plain" is the library's own recall stream, draw for draw.
+  plain = probe_format.stream(np.random.default_rng(3), "plain", 300, vocab, 16)
+  lib = tasks.recall_stream(np.random.default_rng(3), 300, vocab, 16)
+  np.testing.assert_array_equal(plain[0], lib[0])
+  np.testing.assert_array_equal(plain[1], lib[1])
+  np.testing.assert_array_equal([p for p, _, _ in plain[2]], tasks.recall_queries(lib[0])["position"])
+
+
+def test_probe_format_tiny_run(tmp_path):
+  out = tmp_path / "pf.json"
+  got = probe_format.main(["--tiny", "--formats", "plain", "marker", "--no_progress", "--out", str(out)])
+  assert json.loads(out.read_text()) == got
+  assert list(got["formats"]) == ["plain", "marker"]
+  for r in got["formats"].values():
+    assert [c["step"] for c in r["curve"]] == [0, 2, 4] and 0 <= r["final_accuracy"] <= 1 and r["queries"] > 0
+  with pytest.raises(SystemExit, match="--steps=0 must be >= 1"):
+    probe_format.main(["--steps", "0"])
