@@ -108,3 +108,5 @@ def test_probe_format_tiny_run(tmp_path):
     assert [c["step"] for c in r["curve"]] == [0, 2, 4] and 0 <= r["final_accuracy"] <= 1 and r["queries"] > 0
   with pytest.raises(SystemExit, match="--steps=0 must be >= 1"):
     probe_format.main(["--steps", "0"])
+  with pytest.raises(SystemExit, match=r"--min_lr_frac=2.0 must be in \[0, 1\]"):
+    probe_format.main(["--min_lr_frac", "2"])
