@@ -27,7 +27,7 @@ test: setup
 
 # Regenerates every CPU result file the README quotes, in about 70 minutes on a 2-core CPU: the sweep about 30 (13
 # policies at about 2 minutes each; per-policy seconds in its results.json), the ablation about 20, the format
-# probe about 16. GPU results come from experiments/gpu_check.sh on a GPU machine.
+# probe about 14. GPU results come from experiments/gpu_check.sh on a GPU machine.
 results: setup
 	$(PY) experiments/preset_ratios.py --out experiments/results/preset_ratios.json
 	$(PY) experiments/synthetic.py --out out/artifacts/synthetic_8k --dtype bfloat16 --seq_len 8192 --layers 8 \

@@ -1,7 +1,7 @@
 """Which record format lets a small decoder learn the key lookup? The same toy model trained on recall streams in
 three formats, with the lookup probed as it trains.
 
-    python experiments/probe_format.py --out experiments/results/probe_format.json      (CPU, about 17 minutes)
+    python experiments/probe_format.py --out experiments/results/probe_format.json      (CPU, about 14 minutes)
     python experiments/probe_format.py --tiny --out /tmp/probe_format.json               (seconds)
 
 Formats (records, then queries; the loss is on the answer ids and EOS):
