@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
         del ckv
       del kv, k_bshd, v_bshd
       write(args.out, dict(meta, rows=rows))
-  return write(args.out, dict(meta, rows=rows))
+  return dict(meta, rows=rows)
 
 
 def write(path: str, result: dict) -> dict:
