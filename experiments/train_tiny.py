@@ -17,7 +17,8 @@ Writes, in --out:
   config.json        the model config (LlamaConfig fields)
   train_log.jsonl    one line per logged step (loss, answer loss, lr, length, batch, seconds) or evaluation
   scores.json        per-task accuracy with the full cache at the eval lengths, the key-lookup probe
-                     (experiments/probe_lookup.py), the device, the wall time
+                     (experiments/probe_lookup.py), teacher-forced accuracy at each answer position
+                     (experiments/probe_answers.py), the device, the wall time
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from tqdm import tqdm
 
 import akv_jax as akv
 from akv_jax import models, tasks
+from experiments.probe_answers import answer_positions
 from experiments.probe_lookup import lookup_accuracy
 from experiments.run_proxy_experiment import apply_set
 
@@ -161,8 +163,9 @@ def draw_batch(cfg: TrainConfig, step: int, length: int, recall: bool) -> tuple[
   weights = mask.astype(np.float32)
   for i, name in enumerate(names):
     if name in WORD_TASKS and cfg.body_weight > 0:
-      # Body words are predicted from position 2 (after BOS and the marker) to the last word before QUERY.
-      body = slice(3, length - 2)
+      # A word-task prompt is BOS marker body QUERY (tasks.base.assemble, no query tokens): the body fills
+      # positions 2 .. length - 2, and each word after the first is weighted, the last one included.
+      body = slice(3, length - 1)
       weights[i, body] = cfg.body_weight * mask[i].sum() / (body.stop - body.start)
   return toks, mask, weights
 
@@ -358,6 +361,9 @@ def main(argv=None) -> dict:
             "train_seconds": round(train_seconds, 1), "device": jax.devices()[0].device_kind,
             "jax": jax.__version__, "platform": platform.machine(), "final_eval": final,
             "lookup": probe(config, params, cfg),
+            "answer_positions": {str(n): answer_positions(config, params, length=n, task_names=cfg.task_names,
+                                                          rows=2 * cfg.eval_samples, batch=cfg.eval_batch,
+                                                          seed=cfg.seed + 40_000) for n in cfg.eval_lengths},
             "evals_during_training": evals}
   (out / "scores.json").write_text(json.dumps(result, indent=1) + "\n")
   print(json.dumps(final, indent=1))

@@ -9,7 +9,7 @@ import pytest
 
 import akv_jax as akv
 from akv_jax import models, tasks
-from experiments import make_artifacts, probe_format, synthetic, train_tiny
+from experiments import make_artifacts, probe_answers, probe_format, synthetic, train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,7 @@ def test_train_tiny_writes_a_loadable_model(trained):
     assert (out / name).is_file()
   scores = json.loads((out / "scores.json").read_text())
   assert scores["steps_run"] == 3 and "average" in scores["final_eval"]["128"]
+  assert set(scores["answer_positions"]["128"]) == set(tasks.TASK_NAMES)
   log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
   assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
   config, params = models.load_default(out)
@@ -110,3 +111,59 @@ def test_probe_format_tiny_run(tmp_path):
     probe_format.main(["--steps", "0"])
   with pytest.raises(SystemExit, match=r"--min_lr_frac=2.0 must be in \[0, 1\]"):
     probe_format.main(["--min_lr_frac", "2"])
+
+
+def test_draw_batch_weights_every_predictable_body_word():
+  """Word-task rows carry body_weight on each body word after the first (all of them predictable from the words
+  before), and nothing on the frame; the answer keeps weight 1."""
+  cfg = train_tiny.parse(["--tiny", "--set", "task_names=[common_words]", "--set", "body_weight=0.5"])
+  length = 64
+  toks, mask, weights = train_tiny.draw_batch(cfg, 0, length, recall=False)
+  vocab = tasks.Vocab()
+  for row in range(toks.shape[0]):
+    words = np.flatnonzero((toks[row, :length] >= vocab.word_ids.start) & (toks[row, :length] < vocab.word_ids.stop))
+    assert words[0] == 2 and words[-1] == length - 2 and toks[row, length - 1] == tasks.vocab.QUERY
+    weighted = np.flatnonzero((weights[row] > 0) & ~mask[row])
+    np.testing.assert_array_equal(weighted, words[1:])
+    np.testing.assert_allclose(weights[row, weighted].sum(), 0.5 * mask[row].sum(), rtol=1e-6)
+    np.testing.assert_array_equal(weights[row, mask[row]], 1.0)
+
+
+def test_answer_positions_probe(trained, tmp_path, monkeypatch):
+  out, _ = trained
+  got = probe_answers.main(["--model_path", str(out), "--lengths", "64", "--rows", "3", "--batch", "2",
+                            "--tasks", "niah_multivalue", "common_words", "--out", str(tmp_path / "p.json")])
+  assert json.loads((tmp_path / "p.json").read_text()) == got
+  table = got["by_length"]["64"]
+  assert set(table) == {"niah_multivalue", "common_words"}
+  # Three ranked words and EOS, for every row; multi-value answers vary in length, so later positions have fewer.
+  assert table["common_words"]["rows"] == [3, 3, 3, 3]
+  assert table["niah_multivalue"]["rows"][0] == 3 and table["niah_multivalue"]["rows"] == sorted(
+      table["niah_multivalue"]["rows"], reverse=True)
+  for t in table.values():
+    assert all(0 <= x <= 1 for key in ("accuracy", "prob", "repeat_prob") for x in t[key])
+    assert t["repeat_prob"][0] == 0   # nothing said yet
+
+  config, params = models.load_default(out)
+  # A model sure of the true next token: accuracy and prob 1 everywhere, nothing on repeats.
+  oracle = lambda config, params, toks: 50.0 * jax.nn.one_hot(jnp.roll(toks, -1, axis=1), config.vocab_size)  # noqa: E731
+  monkeypatch.setattr(probe_answers.models, "forward", oracle)
+  perfect = probe_answers.answer_positions(config, params, length=64, task_names=("frequent_words",), rows=2)
+  assert perfect["frequent_words"]["accuracy"] == [1.0] * 4 and perfect["frequent_words"]["prob"] == [1.0] * 4
+  assert perfect["frequent_words"]["repeat_prob"] == [0.0] * 4
+  # One that repeats the first answer word: its probability shows up as repeat_prob from position 1 on.
+  def parrot(config, params, toks):
+    first = toks[:, 64]   # teacher forcing puts the first answer token right after the 64 prompt tokens
+    return 50.0 * jax.nn.one_hot(jnp.broadcast_to(first[:, None], toks.shape), config.vocab_size)
+  monkeypatch.setattr(probe_answers.models, "forward", parrot)
+  stuck = probe_answers.answer_positions(config, params, length=64, task_names=("frequent_words",), rows=2)
+  assert stuck["frequent_words"]["accuracy"] == [1.0, 0.0, 0.0, 0.0]
+  assert stuck["frequent_words"]["repeat_prob"] == [0.0, 1.0, 1.0, 1.0]
+
+  with pytest.raises(ValueError, match="length=4096 plus the longest answer is 4100 tokens, over the model's "
+                                       "max_seq_len=192"):
+    probe_answers.answer_positions(config, params, length=4096, task_names=("common_words",))
+  with pytest.raises(ValueError, match="rows=0 and batch=16 must be >= 1"):
+    probe_answers.answer_positions(config, params, length=64, rows=0)
+  with pytest.raises(ValueError, match="unknown task 'nope'"):
+    probe_answers.main(["--model_path", str(out), "--tasks", "nope"])
