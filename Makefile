@@ -38,4 +38,5 @@ results: setup
 	$(PY) experiments/sweep.py --out experiments/results/sweep_2048 --no_progress
 	$(PY) experiments/ablate_hybrid.py --no_progress
 	$(PY) experiments/probe_lookup.py --out experiments/results/lookup_probe_default.json
+	$(PY) experiments/probe_answers.py --lengths 256 2048 --rows 64 --out experiments/results/answer_positions_default.json
 	$(PY) experiments/probe_format.py --no_progress --out experiments/results/probe_format.json

@@ -24,6 +24,16 @@ def random_queries(seed: int, *, b: int = 2, n: int = 4, t: int | None = 32, h: 
   return jax.random.normal(jax.random.key(seed), shape).astype(dtype)
 
 
+def last_queries(q_all: jax.Array, lengths, t: int) -> jax.Array:
+  """Queries q_all [B, N, S, H] at positions 0..S-1 -> each row's last t valid ones [B, N, t, H].
+
+  SnapKV's observation window of a row shorter than t starts before position 0: those slots hold zeros.
+  """
+  idx = jnp.asarray(lengths)[:, None] - t + jnp.arange(t)[None, :]                               # [B, t]
+  out = jnp.take_along_axis(q_all, jnp.clip(idx, 0, q_all.shape[2] - 1)[:, None, :, None], axis=2)
+  return jnp.where((idx >= 0)[:, None, :, None], out, 0.0)
+
+
 def token_at(kv: DenseKV, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Key and value [B, K, H] of each row at position pos i32[B]."""
   rows = jnp.arange(kv.k.shape[0])

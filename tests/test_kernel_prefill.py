@@ -19,6 +19,7 @@ import pytest
 
 from akv_jax.cache import DenseKV
 from akv_jax.models.llama import _causal_attn
+from akv_jax.testing import last_queries
 from akv_jax.selection.scores import h2o_scores, snapkv_scores
 from pallas_kernels import lowering
 from pallas_kernels.prefill_scores import prefill_attention, prefill_attention_reference
@@ -120,10 +121,7 @@ def test_matches_akv_jax_scoring():
   valid = np.arange(t)[None, :] < np.asarray(lengths)[:, None]  # [B, T]
   valid_slots = np.broadcast_to(valid[:, None, :], (b, kh, t))
 
-  # q_obs [B, N, W, H]: the last W valid queries of each row; slots before position 0 hold zeros.
-  idx = lens[:, None] - w + jnp.arange(w)[None, :]
-  q_obs = jnp.take_along_axis(q, jnp.clip(idx, 0, t - 1)[:, :, None, None], axis=1)
-  q_obs = jnp.where((idx >= 0)[:, :, None, None], q_obs, 0.0).transpose(0, 2, 1, 3)
+  q_obs = last_queries(q.transpose(0, 2, 1, 3), lens, w)   # [B, N, W, H]
   want_win = snapkv_scores(q_obs, kv, window=w, kernel_size=1, reduce="sum")
   np.testing.assert_allclose(np.asarray(win)[valid_slots], np.asarray(want_win)[valid_slots], rtol=1e-5, atol=1e-6)
 

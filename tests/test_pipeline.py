@@ -10,7 +10,7 @@ import pytest
 
 import akv_jax as akv
 from akv_jax import attention, decode, pipeline
-from akv_jax.testing import random_kv, random_queries, token_at
+from akv_jax.testing import last_queries, random_kv, random_queries, token_at
 
 B, K, N, S, H = 2, 2, 8, 160, 32
 LENGTHS = (160, 97)
@@ -327,13 +327,6 @@ def test_per_layer_bits_and_bf16_guards():
       assert ckv.body_k.bits == bits and ckv.body_k.codes.dtype == jnp.uint8
 
 
-def _last_queries(q_all, lengths, t):
-  """[B, N, S, H] queries at positions 0..S-1 -> each row's last t valid ones [B, N, t, H] (zeros before 0)."""
-  idx = jnp.asarray(lengths)[:, None] - t + jnp.arange(t)[None, :]
-  out = jnp.take_along_axis(q_all, jnp.clip(idx, 0, q_all.shape[2] - 1)[:, None, :, None], axis=2)
-  return jnp.where((idx >= 0)[:, None, :, None], out, 0.0)
-
-
 @pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "adakv", "h2o", "hybrid_8x"])
 def test_votes_select_like_queries(name):
   """compress(votes=the prefill kernel's attention votes) keeps the same tokens as compress(queries=...)."""
@@ -345,7 +338,7 @@ def test_votes_select_like_queries(name):
   _, window_votes, h2o_votes = prefill_attention_reference(
       q_all.transpose(0, 2, 1, 3), kv.k.transpose(0, 2, 1, 3), kv.v.transpose(0, 2, 1, 3), kv.lengths,
       window=0 if h2o else pol.window, h2o=h2o)
-  queries = _last_queries(q_all, kv.lengths, S if h2o else pol.window)
+  queries = last_queries(q_all, kv.lengths, S if h2o else pol.window)
   want = akv.compress(kv, pol, queries=queries, layer=3, num_layers=4)
   got = akv.compress(kv, pol, votes=h2o_votes if h2o else window_votes, layer=3, num_layers=4)
   want_d, got_d = akv.decompress(want), akv.decompress(got)
