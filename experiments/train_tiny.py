@@ -5,8 +5,8 @@
 Loss: teacher-forced next-token loss on the answer tokens, plus (body_weight) the next-word loss over the body of
 the two word-frequency tasks, whose filler is their evidence; the other tasks' filler is random and unpredictable.
 Half the steps (recall_share) are dense associative-recall streams in the tasks' format, which teach the lookup
-circuit with one supervised answer every few tokens instead of one per prompt; count_share of them may be dense
-counting streams (tasks.count_stream), which do the same for ranking words by frequency.
+circuit with one supervised answer every few tokens instead of one per prompt. Another count_share of the steps
+can be dense counting streams (tasks.count_stream), which do the same for ranking words by frequency.
 
 Progress is max(step / steps, elapsed / time_budget): the learning-rate schedule (linear warmup over `warmup`
 steps, then cosine to min_lr_frac * lr) and the length curriculum (all prompts at the shortest length at first,
@@ -297,9 +297,13 @@ class Batches:
 
   def _plan(self, prog: float):
     length = int(self.rng.choice(self.cfg.lengths, p=length_mix(self.cfg, prog)))
-    r = self.rng.random()
-    kind = "recall" if r < self.cfg.recall_share else "count" if r < self.cfg.recall_share + self.cfg.count_share \
-        else "tasks"
+    r = self.rng.random()   # one draw per step as before, so a recipe without counting streams plans the same steps
+    if r < self.cfg.recall_share:
+      kind = "recall"
+    elif r < self.cfg.recall_share + self.cfg.count_share:
+      kind = "count"
+    else:
+      kind = "tasks"
     step, self.planned = self.planned, self.planned + 1
     if self.pool is None:
       return length, draw_batch(self.cfg, step, length, kind)
