@@ -5,8 +5,7 @@
 Loss: teacher-forced next-token loss on the answer tokens, plus (body_weight) the next-word loss over the body of
 the two word-frequency tasks, whose filler is their evidence; the other tasks' filler is random and unpredictable.
 Half the steps (recall_share) are dense associative-recall streams in the tasks' format, which teach the lookup
-circuit with one supervised answer every few tokens instead of one per prompt. Another count_share of the steps
-can be dense counting streams (tasks.count_stream), which do the same for ranking words by frequency.
+circuit with one supervised answer every few tokens instead of one per prompt.
 
 Progress is max(step / steps, elapsed / time_budget): the learning-rate schedule (linear warmup over `warmup`
 steps, then cosine to min_lr_frac * lr) and the length curriculum (all prompts at the shortest length at first,
@@ -79,8 +78,6 @@ class TrainConfig:
   max_batch: int = 128
   recall_share: float = 0.5        # share of steps on dense recall streams (see tasks.recall_stream)
   recall_pairs: int = 16
-  count_share: float = 0.0         # share of steps on dense counting streams (see tasks.count_stream)
-  count_every: int = 32            # words between a counting stream's queries
   body_weight: float = 0.2         # weight of the mean next-word loss over word-task bodies, against answers' 1
   workers: int = 0                 # processes drawing batches; 0 draws them in the training loop
   init_from: str = ""              # a model directory (config.json + params/) to continue training from
@@ -144,12 +141,8 @@ def train_batch(cfg: TrainConfig, length: int) -> int:
   return int(np.clip(cfg.tokens_per_step // length, cfg.min_batch, cfg.max_batch))
 
 
-KINDS = ("tasks", "recall", "count")
-
-
-def draw_batch(cfg: TrainConfig, step: int, length: int, kind: str) -> tuple[np.ndarray, ...]:
-  """The batch of one step, from its own seed (so workers can draw steps in any order): task prompts, recall
-  streams or counting streams (`kind`, one of KINDS).
+def draw_batch(cfg: TrainConfig, step: int, length: int, recall: bool) -> tuple[np.ndarray, ...]:
+  """The batch of one step, from its own seed (so workers can draw steps in any order).
 
   Returns tokens i32[B, L], answer mask bool[B, L] and loss weights f32[B, L] (1 on answers, body_weight spread
   over each word-task body), where L = length + the longest answer, one width per length bucket so the number of
@@ -159,14 +152,8 @@ def draw_batch(cfg: TrainConfig, step: int, length: int, kind: str) -> tuple[np.
   vocab = tasks.Vocab()
   width = length + max(tasks.get_task(t).max_answer_length() for t in cfg.task_names)
   bsz = train_batch(cfg, length)
-  if kind not in KINDS:
-    raise ValueError(f"kind={kind!r} is not one of {KINDS}")
-  if kind != "tasks":
-    if kind == "recall":
-      rows = [tasks.recall_stream(rng, width, vocab, cfg.recall_pairs) for _ in range(bsz)]
-    else:
-      rows = [tasks.count_stream(rng, width, vocab, str(rng.choice(tasks.COUNTING_TASKS)), cfg.count_every)
-              for _ in range(bsz)]
+  if recall:
+    rows = [tasks.recall_stream(rng, width, vocab, cfg.recall_pairs) for _ in range(bsz)]
     toks, mask = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
     return toks, mask, mask.astype(np.float32)
   p = np.asarray(cfg.task_weights, np.float64) if cfg.task_weights else np.ones(len(cfg.task_names))
@@ -272,9 +259,6 @@ def parse(argv) -> TrainConfig:
   if cfg.task_weights and (len(cfg.task_weights) != len(cfg.task_names) or min(cfg.task_weights) < 0
                            or sum(cfg.task_weights) <= 0):
     raise SystemExit(f"error: task_weights {cfg.task_weights} needs one weight >= 0 per task in {cfg.task_names}")
-  if not (0 <= cfg.recall_share and 0 <= cfg.count_share and cfg.recall_share + cfg.count_share <= 1):
-    raise SystemExit(f"error: recall_share={cfg.recall_share} and count_share={cfg.count_share} must be >= 0 "
-                     "and sum to at most 1")
   if cfg.workers < 0:
     raise SystemExit(f"error: workers={cfg.workers} must be >= 0")
   return cfg
@@ -297,17 +281,11 @@ class Batches:
 
   def _plan(self, prog: float):
     length = int(self.rng.choice(self.cfg.lengths, p=length_mix(self.cfg, prog)))
-    r = self.rng.random()   # one draw per step as before, so a recipe without counting streams plans the same steps
-    if r < self.cfg.recall_share:
-      kind = "recall"
-    elif r < self.cfg.recall_share + self.cfg.count_share:
-      kind = "count"
-    else:
-      kind = "tasks"
+    recall = bool(self.rng.random() < self.cfg.recall_share)
     step, self.planned = self.planned, self.planned + 1
     if self.pool is None:
-      return length, draw_batch(self.cfg, step, length, kind)
-    return length, self.pool.submit(draw_batch, self.cfg, step, length, kind)
+      return length, draw_batch(self.cfg, step, length, recall)
+    return length, self.pool.submit(draw_batch, self.cfg, step, length, recall)
 
   def next(self, prog: float):
     depth = 1 if self.pool is None else 2 * self.cfg.workers

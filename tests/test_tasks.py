@@ -322,9 +322,6 @@ RNG = np.random.default_rng
      "task 'common_words' has no marker in this vocab"),
     (lambda: tasks.get_task("niah_single").score(np.zeros((2, 3), np.int32), sample_of("niah_single", "v1")),
      r"prediction has shape \(2, 3\); expected one row"),
-    (lambda: tasks.count_stream(RNG(0), 256, VOCAB, "niah_single"),
-     "task='niah_single' is not a counting task; choose one of common_words, frequent_words"),
-    (lambda: tasks.count_stream(RNG(0), 256, VOCAB, "common_words", every=0), "every=0 must be an int >= 1"),
 ])
 def test_bad_inputs(call, match):
   with pytest.raises(ValueError, match=match):
@@ -350,26 +347,3 @@ def test_recall_stream_queries_only_seen_keys():
   assert np.all(mask[q["position"] + 1]) and not np.any(mask[q["position"]])
   records = {int(toks[i + 1]): int(toks[i + 2]) for i in np.flatnonzero(toks == tasks.vocab.KEY) if i + 2 < 512}
   assert [records[int(toks[p])] for p in q["position"]] == q["truth"].tolist()
-
-
-@pytest.mark.parametrize("task", tasks.COUNTING_TASKS)
-def test_count_stream_answers_rank_the_words_seen(task):
-  """Each query answers the top words among all words before it (earlier answers included), strictly ranked;
-  only answers and their EOS are supervised; queries come after every `every` words unless the prefix ties."""
-  vocab, every, top = tasks.Vocab(), 24, 3
-  toks, mask = tasks.count_stream(np.random.default_rng(1), 1024, vocab, task, every=every)
-  assert toks.shape == mask.shape == (1024,) and toks.dtype == np.int32
-  assert toks[0] == BOS and toks[1] == vocab.task_id(task)
-  queries = np.flatnonzero(toks == QUERY)
-  assert len(queries) >= 20
-  words = np.isin(toks, np.asarray(vocab.word_ids))
-  for q in queries[:-1]:   # the last one may be cut off
-    counts = collections.Counter(toks[:q][words[:q]].tolist())
-    ranked = counts.most_common(top + 1)
-    assert [c for _, c in ranked] == sorted({c for _, c in ranked}, reverse=True)   # strictly decreasing
-    np.testing.assert_array_equal(toks[q + 1:q + top + 2], [w for w, _ in ranked[:top]] + [EOS])
-    assert mask[q + 1:q + top + 2].all() and not mask[q]
-    body_words = np.sum(words[:q]) - top * np.sum(toks[:q] == QUERY)   # words before q that are not answers
-    assert body_words % every == 0
-  answers = np.concatenate([np.arange(q + 1, q + top + 2) for q in queries])
-  np.testing.assert_array_equal(np.flatnonzero(mask), answers[answers < 1024])

@@ -61,10 +61,6 @@ def test_errors(tmp_path):
     train_tiny.main(["--tiny", "--set", "lr", "--out", str(tmp_path)])
   with pytest.raises(SystemExit, match="final_mix"):
     train_tiny.main(["--tiny", "--set", "final_mix=[1.0]", "--out", str(tmp_path)])
-  with pytest.raises(SystemExit, match="recall_share=0.5 and count_share=0.6 must be >= 0 and sum to at most 1"):
-    train_tiny.main(["--tiny", "--set", "recall_share=0.5", "--set", "count_share=0.6", "--out", str(tmp_path)])
-  with pytest.raises(ValueError, match="kind='nope' is not one of"):
-    train_tiny.draw_batch(train_tiny.parse(["--tiny"]), 0, 64, "nope")
   with pytest.raises(ValueError, match="unknown task 'nope'"):
     make_artifacts.main(["--out", str(tmp_path / "a.npz"), "--tasks", "nope"])
 
@@ -122,7 +118,7 @@ def test_draw_batch_weights_every_predictable_body_word():
   before), and nothing on the frame; the answer keeps weight 1."""
   cfg = train_tiny.parse(["--tiny", "--set", "task_names=[common_words]", "--set", "body_weight=0.5"])
   length = 64
-  toks, mask, weights = train_tiny.draw_batch(cfg, 0, length, "tasks")
+  toks, mask, weights = train_tiny.draw_batch(cfg, 0, length, recall=False)
   vocab = tasks.Vocab()
   for row in range(toks.shape[0]):
     words = np.flatnonzero((toks[row, :length] >= vocab.word_ids.start) & (toks[row, :length] < vocab.word_ids.stop))
@@ -171,13 +167,3 @@ def test_answer_positions_probe(trained, tmp_path, monkeypatch):
     probe_answers.answer_positions(config, params, length=64, rows=0)
   with pytest.raises(ValueError, match="unknown task 'nope'"):
     probe_answers.main(["--model_path", str(out), "--tasks", "nope"])
-
-
-def test_draw_batch_counting_streams():
-  cfg = train_tiny.parse(["--tiny", "--set", "count_share=1.0", "--set", "recall_share=0.0"])
-  toks, mask, weights = train_tiny.draw_batch(cfg, 0, 128, "count")
-  width = 128 + max(tasks.get_task(t).max_answer_length() for t in cfg.task_names)
-  assert toks.shape == mask.shape == weights.shape == (train_tiny.train_batch(cfg, 128), width)
-  assert set(toks[:, 1].tolist()) <= {tasks.Vocab().task_id(t) for t in tasks.COUNTING_TASKS}
-  assert mask.sum() >= toks.shape[0] * 4   # a query's three words and EOS, at least once per stream
-  np.testing.assert_array_equal(weights, mask.astype(np.float32))

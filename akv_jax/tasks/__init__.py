@@ -31,8 +31,6 @@ Typical use:
 
 from akv_jax.tasks.base import Sample as Sample
 from akv_jax.tasks.base import Task as Task
-from akv_jax.tasks.counting import COUNTING_TASKS as COUNTING_TASKS
-from akv_jax.tasks.counting import count_stream as count_stream
 from akv_jax.tasks.niah import NeedleTask as NeedleTask
 from akv_jax.tasks.recall import recall_queries as recall_queries
 from akv_jax.tasks.recall import recall_stream as recall_stream
