@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from akv_jax import models, tasks
+from experiments.result_files import command_line, write_json
 
 
 def answer_positions(config, params, *, length: int, task_names=tuple(tasks.TASK_NAMES), rows: int = 64,
@@ -91,16 +92,14 @@ def main(argv=None) -> dict:
   for name in args.tasks:
     tasks.get_task(name)   # unknown names fail here, before the model loads
   config, params = models.load_default(args.model_path)
-  result = {"command": "python experiments/probe_answers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+  result = {"command": command_line("probe_answers.py", argv),
             "model": args.model_path or "default", "rows": args.rows, "device": jax.devices()[0].device_kind,
             "by_length": {str(n): answer_positions(config, params, length=n, task_names=tuple(args.tasks),
                                                    rows=args.rows, batch=args.batch, seed=args.seed)
                           for n in args.lengths}}
-  text = json.dumps(result, indent=1)
-  print(text)
+  print(json.dumps(result, indent=1))
   if args.out:
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.out).write_text(text + "\n")
+    write_json(args.out, result)
   return result
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import platform
 import sys
@@ -39,6 +38,7 @@ from tqdm import tqdm
 from akv_jax import models, tasks
 from akv_jax.tasks.vocab import BOS, EOS, KEY, QUERY
 from experiments import train_tiny
+from experiments.result_files import command_line, write_json
 
 # The retired VALUE and ANSWER markers get two ids past the task vocabulary (the toy model's table has room).
 _VALUE, _ANSWER = tasks.Vocab().size, tasks.Vocab().size + 1
@@ -131,7 +131,7 @@ def main(argv=None) -> dict:
       train_tiny.TrainConfig(), hidden_size=args.hidden, intermediate_size=3 * args.hidden, num_layers=4,
       num_heads=4, num_kv_heads=2, context=args.length, lengths=(args.length,), final_mix=(1.0,),
       steps=args.steps, lr=2e-3, warmup=50, min_lr_frac=args.min_lr_frac)
-  result = {"command": "python experiments/probe_format.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+  result = {"command": command_line("probe_format.py", argv),
             "device": jax.devices()[0].device_kind, "jax": jax.__version__, "platform": platform.machine(),
             "settings": {k: getattr(args, k) for k in ("steps", "batch", "length", "pairs", "hidden", "seed",
                                                         "min_lr_frac")},
@@ -142,8 +142,7 @@ def main(argv=None) -> dict:
     print(f"{fmt:7s} final accuracy {r['final_accuracy']:.3f}  latest-record baseline {r['latest']:.3f}  "
           f"({r['seconds']:.0f} s)", flush=True)
   if args.out:
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
   return result
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from akv_jax import models, tasks
+from experiments.result_files import command_line, write_json
 
 
 def lookup_accuracy(config, params, *, length: int, pairs: int = 16, rows: int = 64, seed: int = 0) -> dict:
@@ -61,15 +62,13 @@ def main(argv=None) -> dict:
   parser.add_argument("--out", default=None, help="write the result JSON here")
   args = parser.parse_args(argv)
   config, params = models.load_default(args.model_path)
-  result = {"command": "python experiments/probe_lookup.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+  result = {"command": command_line("probe_lookup.py", argv),
             "model": args.model_path or "default", "pairs": args.pairs, "rows": args.rows,
             "by_length": {str(n): lookup_accuracy(config, params, length=n, pairs=args.pairs, rows=args.rows,
                                                   seed=args.seed) for n in args.lengths}}
-  text = json.dumps(result, indent=1)
-  print(text)
+  print(json.dumps(result, indent=1))
   if args.out:
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.out).write_text(text + "\n")
+    write_json(args.out, result)
   return result
 
 

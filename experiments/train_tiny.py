@@ -50,6 +50,7 @@ import akv_jax as akv
 from akv_jax import models, tasks
 from experiments.probe_answers import answer_positions
 from experiments.probe_lookup import lookup_accuracy
+from experiments.result_files import command_line
 from experiments.run_proxy_experiment import apply_set
 
 WORD_TASKS = ("common_words", "frequent_words")
@@ -356,7 +357,7 @@ def main(argv=None) -> dict:
   train_seconds = time.time() - start
   save_params(out, params)
   final = evaluate(config, params, cfg, np.random.default_rng(cfg.seed + 20_000), vocab, cfg.eval_samples)
-  result = {"command": "python experiments/train_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+  result = {"command": command_line("train_tiny.py", argv),
             "train_config": dataclasses.asdict(cfg), "params": int(n_params), "steps_run": step + 1,
             "train_seconds": round(train_seconds, 1), "device": jax.devices()[0].device_kind,
             "jax": jax.__version__, "platform": platform.machine(), "final_eval": final,

@@ -1,0 +1,20 @@
+"""What experiment scripts put in their result files: the command that reproduces them, and the JSON itself."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+from typing import Sequence
+
+
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+  """`python experiments/<script> <args>`, the args being argv or, when None, this process's own."""
+  return " ".join(["python", f"experiments/{script}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_json(path: str | pathlib.Path, result: dict) -> None:
+  """Writes result as indented JSON at path, making its folder."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(result, indent=1) + "\n")
