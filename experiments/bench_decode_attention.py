@@ -21,7 +21,6 @@ jax.nn.dot_product_attention with implementation "xla" and "cudnn", and JAX's ow
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import platform
 import statistics
@@ -38,6 +37,7 @@ import numpy as np
 
 import akv_jax as akv
 from akv_jax import testing
+from experiments.result_files import write_json
 
 
 def loop_time_ms(step: Callable, q: jax.Array, *args, inner: int, reps: int) -> float:
@@ -168,9 +168,7 @@ def write(path: str, result: dict) -> dict:
   """Write the rows measured so far (json and a markdown table). Called after every (S, B), so a run cut short
   by its time limit still leaves what it measured."""
   copy_gbs, rows = result["copy_gbs"], result["rows"]
-  out = pathlib.Path(path)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=1) + "\n")
+  write_json(path, result)
   md = [f"{result['device']}, jax {jax.__version__}; copy bandwidth {copy_gbs:.0f} GB/s (read + write)", "",
         "| policy | S | B | layer ratio | fused ms | GB/s read | % of copy | best dense ms | speedup |",
         "|---|---|---|---|---|---|---|---|---|"]
@@ -178,7 +176,7 @@ def write(path: str, result: dict) -> dict:
     md.append(f"| {r['policy']} | {r['seq']} | {r['batch']} | {r['layer_ratio']}x | {r['fused_ms']} | "
               f"{r['achieved_gbs']} | {r['copy_fraction']:.0%} | {r['dense_best_ms']} | "
               f"{r['speedup_vs_best_dense']}x |")
-  out.with_suffix(".md").write_text("\n".join(md) + "\n")
+  pathlib.Path(path).with_suffix(".md").write_text("\n".join(md) + "\n")
   return result
 
 

@@ -50,7 +50,7 @@ import akv_jax as akv
 from akv_jax import models, tasks
 from experiments.probe_answers import answer_positions
 from experiments.probe_lookup import lookup_accuracy
-from experiments.result_files import command_line
+from experiments.result_files import command_line, write_json
 from experiments.run_proxy_experiment import apply_set
 
 WORD_TASKS = ("common_words", "frequent_words")
@@ -366,7 +366,7 @@ def main(argv=None) -> dict:
                                                           rows=2 * cfg.eval_samples, batch=cfg.eval_batch,
                                                           seed=cfg.seed + 40_000) for n in cfg.eval_lengths},
             "evals_during_training": evals}
-  (out / "scores.json").write_text(json.dumps(result, indent=1) + "\n")
+  write_json(out / "scores.json", result)
   print(json.dumps(final, indent=1))
   return result
 
