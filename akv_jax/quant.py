@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from akv_jax.cache import QuantAxis, QuantizedTensor
+from pallas_kernels.quantize import recip_f16
 
 SUPPORTED_BITS = (2, 4, 8)
 SCALE_DTYPE = jnp.float16
@@ -157,8 +158,8 @@ def quantize(x: jax.Array, spec: QuantSpec, valid: jax.Array | None = None, *, i
   scale32 = (mx - zero16.astype(jnp.float32)) / levels
   scale16 = _round_toward(scale32.astype(SCALE_DTYPE), scale32, +1.0)
   zero = jnp.expand_dims(zero16.astype(jnp.float32), red)
-  scale = jnp.expand_dims(scale16.astype(jnp.float32), red)
-  inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
+  # fl32(1 / scale) (0 where scale is 0) on every platform: XLA:GPU's f32 division is approximate.
+  inv = jnp.expand_dims(recip_f16(scale16), red)
   codes = jnp.clip(jnp.floor((g - zero) * inv + 0.5), 0, levels)
   codes = jnp.where(gv, codes, 0).astype(jnp.uint8).reshape(x.shape)
   return QuantizedTensor(codes=pack(codes, spec.bits), scale=scale16, zero=zero16,

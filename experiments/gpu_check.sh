@@ -17,9 +17,7 @@ nvidia-smi -L || true
 $PY -c "import jax; print('jax', jax.__version__, jax.devices())"
 # 1. Kernel and dispatch tests on the GPU.
 TESTS_S=$(( BUDGET_S * 2 / 5 < 200 ? BUDGET_S * 2 / 5 : 200 ))
-timeout "$TESTS_S" $PY -m pytest -q -x tests/test_kernel_decode.py tests/test_kernel_quantize.py \
-  tests/test_kernel_prefill.py tests/test_fused_attention.py tests/test_paging.py tests/test_model_kernels.py 2>&1 \
-  | tee "$OUT/gpu_tests.log" | tail -5
+bash experiments/gpu_tests.sh "$TESTS_S"
 # 2. The decode-attention benchmark, in what is left.
 BENCH_S=$(( BUDGET_S - ($(date +%s) - START) ))
 # shellcheck disable=SC2086

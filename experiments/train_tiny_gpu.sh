@@ -25,9 +25,7 @@ $PY -c "import jax; print('jax', jax.__version__, jax.devices())"
 # The time budgets are in the configs; the timeouts only guard the device call's limit (params are saved at every
 # evaluation, so a cut run still leaves a model).
 if [ "${KERNEL_TESTS:-0}" = 1 ]; then
-  timeout 540 $PY -m pytest -v --tb=short -p no:cacheprovider tests/test_kernel_decode.py \
-    tests/test_kernel_quantize.py tests/test_kernel_prefill.py tests/test_fused_attention.py tests/test_paging.py \
-    tests/test_model_kernels.py >"$OUT/gpu_tests.log" 2>&1 &
+  bash experiments/gpu_tests.sh 540 >/dev/null &
   TESTS_PID=$!
 fi
 if [ "$STAGE" = 2 ]; then
@@ -47,6 +45,6 @@ fi
 tar czf "$OUT/model.tgz" -C /tmp/model default
 if [ -n "${TESTS_PID:-}" ]; then
   wait "$TESTS_PID"
-  tail -3 "$OUT/gpu_tests.log"
+  grep -E "^== |passed|failed" "$OUT/gpu_tests.log"
 fi
 ls -la /tmp/model/default

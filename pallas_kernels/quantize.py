@@ -23,9 +23,11 @@ values on their bit pattern. Two divisions remain in the reference, and each is 
   - `(max - zero) / levels`: XLA's algebraic simplifier rewrites a division by a constant into a multiplication
     by its f32 reciprocal, so what the reference computes is (max - zero) * fl32(1 / levels), and so does the
     kernel;
-  - `1 / scale` (a runtime value, divided exactly by XLA): scale is a float16 with 11 significant bits, so
-    fl32(1 / scale) comes from an integer long division of its mantissa.
-The tests prove each helper equal to the XLA formula over every float16 (and the f32 values around each).
+  - `1 / scale` (a runtime value): scale is a float16 with 11 significant bits, so fl32(1 / scale) comes from
+    an integer long division of its mantissa (`recip_f16`). The references call the same function rather than
+    divide, since XLA:GPU's f32 division is the approximate one too (a GPU run found 1-ulp differences).
+The tests prove each helper equal to its formula over every float16 (and the f32 values around each): XLA's
+for the roundings and the scale, IEEE division (numpy's, on the host) for the reciprocal.
 
 Limits of the bit-for-bit claim: NaN inputs (Triton's min/max ignore NaN, XLA's propagate it), and f32 subnormals
 (inputs or group ranges below about 2^-120), which some platforms flush to zero. The expression
@@ -156,8 +158,11 @@ def _scale_f16(t: jax.Array, levels: int) -> jax.Array:
   return _round_f16(t * (np.float32(1) / np.float32(levels)), up=True)
 
 
-def _recip_f16(s16: jax.Array) -> jax.Array:
+def recip_f16(s16: jax.Array) -> jax.Array:
   """float16 s >= 0 -> fl32(1 / s) as f32, 0 where s is 0 or inf, by integer long division.
+
+  Plain jnp, so the references use it too: an f32 division is IEEE on XLA:CPU but the approximate div.full.f32
+  on XLA:GPU as on Triton (openxla/xla#37181), so `1 / scale` would give different codes on the two platforms.
 
   A normal s with exponent field E is M * 2^(E - 25) with an integer mantissa M in [1024, 2047] (a subnormal is
   shifted into that range), so 1/s = (2^10 / M) * 2^(15 - E), an exact power-of-2 scaling of 2^10 / M in (1/2, 1].
@@ -232,7 +237,7 @@ def _kernel(len_ref, x_ref, codes_ref, scale_ref, zero_ref, *, bits, group, axis
   zero16 = _round_f16(mn, up=False)
   zero32 = zero16.astype(jnp.float32)
   scale16 = _scale_f16(mx - zero32, levels)
-  inv = _recip_f16(scale16)
+  inv = recip_f16(scale16)
 
   zero_b = jnp.expand_dims(zero32, red)
   inv_b = jnp.expand_dims(inv, red)
@@ -357,9 +362,8 @@ def quantize_pack_reference(x: jax.Array, lengths: jax.Array, *, bits: int, grou
   scale16 = scale32.astype(jnp.float16)
   scale16 = jnp.where(scale16.astype(jnp.float32) < scale32, jnp.nextafter(scale16, jnp.float16(jnp.inf)),
                       scale16)
-  scale = jnp.expand_dims(scale16.astype(jnp.float32), red)
   zero = jnp.expand_dims(zero16.astype(jnp.float32), red)
-  inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
+  inv = jnp.expand_dims(recip_f16(scale16), red)  # fl32(1 / scale), 0 where scale is 0, on every platform
   codes = jnp.clip(jnp.floor((g - zero) * inv + 0.5), 0, levels)
   codes = jnp.where(gv, codes, 0).astype(jnp.uint8).reshape(x.shape)
   n = 8 // bits
