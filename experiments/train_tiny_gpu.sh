@@ -4,8 +4,8 @@
 #                                                 streams) then stage 1 (experiments/train_tiny.yaml, the tasks,
 #                                                 from stage 0's model): 318 s on an H200
 #   STAGE=2 bash experiments/train_tiny_gpu.sh    stage 2 only (experiments/train_tiny_stage2.yaml): continues the
-#                                                 committed akv_jax/models/default (8 minutes of training, under
-#                                                 9.5 minutes in all)
+#                                                 committed akv_jax/models/default, so unpack stage 1's model
+#                                                 first (8 minutes of training, 544 s on an H200 with the tests)
 #   KERNEL_TESTS=1 ...                            also runs the GPU kernel tests (those of experiments/gpu_check.sh)
 #                                                 beside the training, into $OUT/gpu_tests.log: they are small,
 #                                                 compile-bound jobs, and a device call has no time for both in
