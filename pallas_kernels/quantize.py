@@ -25,7 +25,8 @@ values on their bit pattern. Two divisions remain in the reference, and each is 
     kernel;
   - `1 / scale` (a runtime value): scale is a float16 with 11 significant bits, so fl32(1 / scale) comes from
     an integer long division of its mantissa (`recip_f16`). The references call the same function rather than
-    divide, since XLA:GPU's f32 division is the approximate one too (a GPU run found 1-ulp differences).
+    divide, since XLA:GPU's f32 division is the approximate one too (on a GPU the kernel failed against
+    references that divided).
 The tests prove each helper equal to its formula over every float16 (and the f32 values around each): XLA's
 for the roundings and the scale, IEEE division (numpy's, on the host) for the reciprocal.
 
