@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from akv_jax.cache import QuantAxis, QuantizedTensor
-from pallas_kernels.quantize import recip_f16
+from pallas_kernels import quantize as _kernel
 
 SUPPORTED_BITS = (2, 4, 8)
 SCALE_DTYPE = jnp.float16
@@ -136,7 +136,6 @@ def quantize(x: jax.Array, spec: QuantSpec, valid: jax.Array | None = None, *, i
     case _:
       raise ValueError(f"implementation={implementation!r} is not one of None, 'xla', 'pallas'")
   if use_pallas:
-    from pallas_kernels import quantize as _kernel  # noqa: PLC0415 (kernels load only when used)
     b, k, s, _ = x.shape
     codes, scale, zero = _kernel.quantize_pack(x, jnp.full((b, k), s, jnp.int32), bits=spec.bits, group=spec.group,
                                                axis=spec.axis, interpret=interpret)
@@ -159,7 +158,7 @@ def quantize(x: jax.Array, spec: QuantSpec, valid: jax.Array | None = None, *, i
   scale16 = _round_toward(scale32.astype(SCALE_DTYPE), scale32, +1.0)
   zero = jnp.expand_dims(zero16.astype(jnp.float32), red)
   # fl32(1 / scale) (0 where scale is 0) on every platform: XLA:GPU's f32 division is approximate.
-  inv = jnp.expand_dims(recip_f16(scale16), red)
+  inv = jnp.expand_dims(_kernel.recip_f16(scale16), red)
   codes = jnp.clip(jnp.floor((g - zero) * inv + 0.5), 0, levels)
   codes = jnp.where(gv, codes, 0).astype(jnp.uint8).reshape(x.shape)
   return QuantizedTensor(codes=pack(codes, spec.bits), scale=scale16, zero=zero16,
