@@ -18,7 +18,6 @@ train_tiny.py writes the same table for the eval lengths into scores.json.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from akv_jax import models, tasks
-from experiments.result_files import command_line, write_json
+from experiments.result_files import command_line, report
 
 
 def answer_positions(config, params, *, length: int, task_names=tuple(tasks.TASK_NAMES), rows: int = 64,
@@ -97,10 +96,7 @@ def main(argv=None) -> dict:
             "by_length": {str(n): answer_positions(config, params, length=n, task_names=tuple(args.tasks),
                                                    rows=args.rows, batch=args.batch, seed=args.seed)
                           for n in args.lengths}}
-  print(json.dumps(result, indent=1))
-  if args.out:
-    write_json(args.out, result)
-  return result
+  return report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ train_tiny.py logs the same probe at every evaluation.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from akv_jax import models, tasks
-from experiments.result_files import command_line, write_json
+from experiments.result_files import command_line, report
 
 
 def lookup_accuracy(config, params, *, length: int, pairs: int = 16, rows: int = 64, seed: int = 0) -> dict:
@@ -66,10 +65,7 @@ def main(argv=None) -> dict:
             "model": args.model_path or "default", "pairs": args.pairs, "rows": args.rows,
             "by_length": {str(n): lookup_accuracy(config, params, length=n, pairs=args.pairs, rows=args.rows,
                                                   seed=args.seed) for n in args.lengths}}
-  print(json.dumps(result, indent=1))
-  if args.out:
-    write_json(args.out, result)
-  return result
+  return report(result, args.out)
 
 
 if __name__ == "__main__":

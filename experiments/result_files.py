@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def command_line(script: str, argv: Sequence[str] | None) -> str:
@@ -18,3 +18,11 @@ def write_json(path: str | pathlib.Path, result: dict) -> None:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def report(result: dict, path: str | pathlib.Path | None) -> dict:
+  """Prints result as indented JSON and, when path is given, writes it there too; returns result."""
+  print(json.dumps(result, indent=1))
+  if path:
+    write_json(path, result)
+  return result
