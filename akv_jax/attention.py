@@ -28,6 +28,36 @@ def _scores(qg: jax.Array, keys: jax.Array) -> jax.Array:
   return jnp.einsum("BKGTH,BKSH->BKGTS", qg, keys.astype(jnp.float32))
 
 
+def cache_slots(ckv: CompressedKV):
+  """Every slot of a cache as one key/value sequence: [sinks | body | recent], dequantized.
+
+  Returns (keys f32[B, K, C, H], values f32[B, K, C, H], positions i32[B, K, C], valid bool[B, K, C]) with
+  C = Z + M + R. Recent slot j is paired with its value, which for the first value_fill - key_fill recent slots
+  already sits in the body at slot key_fill + j.
+  """
+  b, kh, _ = validation.compressed(ckv)
+  z = ckv.sink_k.shape[2]
+  spos = jnp.broadcast_to(jnp.arange(z, dtype=jnp.int32), (b, kh, z))
+  svalid = spos < ckv.sink_fill[:, None, None]
+  bk = _body.dequantize_heads(ckv, ckv.body_k)
+  bv = _body.dequantize_heads(ckv, ckv.body_v)
+  bpos = _body.head_positions(ckv)
+  m = bk.shape[2]
+  kb, vb = ckv.key_fill, ckv.value_fill
+  bvalid = jnp.arange(m)[None, None, :] < kb[..., None]
+  rslot = jnp.arange(ckv.recent_capacity)[None, None, :]
+  rvalid = rslot < ckv.recent_fill[..., None]
+  in_body = rslot < (vb - kb)[..., None]
+  from_body = jnp.take_along_axis(bv, jnp.clip(kb[..., None] + rslot, 0, max(m - 1, 0))[..., None], axis=2) \
+      if m else jnp.zeros_like(ckv.recent_v, jnp.float32)
+  rv = jnp.where(in_body[..., None], from_body, ckv.recent_v.astype(jnp.float32))
+  keys = jnp.concatenate([ckv.sink_k.astype(jnp.float32), bk, ckv.recent_k.astype(jnp.float32)], axis=2)
+  values = jnp.concatenate([ckv.sink_v.astype(jnp.float32), bv, rv], axis=2)
+  kpos = jnp.concatenate([spos, bpos, ckv.recent_pos], axis=2)
+  valid = jnp.concatenate([svalid, bvalid, rvalid], axis=2)
+  return keys, values, kpos, valid
+
+
 def _attend(q: jax.Array, ckv: CompressedKV, scale: float | None, return_probs: bool):
   b, kh, h = validation.compressed(ckv)
   validation.queries(q, b, kh, h, name="q", ranks=(3, 4))
@@ -40,41 +70,19 @@ def _attend(q: jax.Array, ckv: CompressedKV, scale: float | None, return_probs: 
   # Query t is the (T - t)-th most recent token: it sees positions up to next_pos - T + t.
   qpos = (ckv.next_pos[:, None] - t + jnp.arange(t))[:, None, None, :, None]   # [B, 1, 1, T, 1]
 
-  z = ckv.sink_k.shape[2]
-  spos = jnp.broadcast_to(jnp.arange(z, dtype=jnp.int32), (b, kh, z))
-  svalid = spos < ckv.sink_fill[:, None, None]
-  bk = _body.dequantize_heads(ckv, ckv.body_k)
-  bv = _body.dequantize_heads(ckv, ckv.body_v)
-  bpos = _body.head_positions(ckv)
-  m = bk.shape[2]
-  kb, vb = ckv.key_fill, ckv.value_fill
-  bvalid = jnp.arange(m)[None, None, :] < kb[..., None]
-  rc = ckv.recent_capacity
-  rslot = jnp.arange(rc)[None, None, :]
-  rvalid = rslot < ckv.recent_fill[..., None]
-
-  keys = jnp.concatenate([ckv.sink_k.astype(jnp.float32), bk, ckv.recent_k.astype(jnp.float32)], axis=2)
-  kpos = jnp.concatenate([spos, bpos, ckv.recent_pos], axis=2)
-  valid = jnp.concatenate([svalid, bvalid, rvalid], axis=2)
+  keys, values, kpos, valid = cache_slots(ckv)
   s = _scores(qg, keys)
   visible = valid[:, :, None, None, :] & (kpos[:, :, None, None, :] <= qpos)
   s = jnp.where(visible, s, _MASKED)
   p = jax.nn.softmax(s, axis=-1)
   p = jnp.where(visible, p, 0.0)
-
-  # Recent slot j's value: in the body at slot key_fill + j while j < value_fill - key_fill.
-  in_body = rslot < (vb - kb)[..., None]
-  from_body = jnp.take_along_axis(bv, jnp.clip(kb[..., None] + rslot, 0, max(m - 1, 0))[..., None], axis=2) \
-      if m else jnp.zeros_like(ckv.recent_v, jnp.float32)
-  rv = jnp.where(in_body[..., None], from_body, ckv.recent_v.astype(jnp.float32))
-  values = jnp.concatenate([ckv.sink_v.astype(jnp.float32), bv, rv], axis=2)
   out = jnp.einsum("BKGTS,BKSH->BKGTH", p, values).reshape(b, n, t, h).astype(q.dtype)
   if single:
     out = out[:, :, 0]
   if not return_probs:
     return out
   # Per-slot attention of body then recent slots, averaged over the G query heads and summed over T (H2O).
-  probs = jnp.sum(jnp.mean(p, axis=2), axis=2)[..., z:]
+  probs = jnp.sum(jnp.mean(p, axis=2), axis=2)[..., ckv.sink_k.shape[2]:]
   return out, probs
 
 

@@ -77,8 +77,11 @@ def _write_pos(ckv: CompressedKV, pos: jax.Array, slot: jax.Array, enabled: jax.
   return out.reshape(ckv.body_pos.shape)
 
 
-def _push(ckv: CompressedKV, k_t, v_t):
-  """Step 1: the new token goes to the sinks while they are not full, else to the recent buffer."""
+def _push(ckv: CompressedKV, k_t, v_t, score=None):
+  """Step 1: the new token goes to the sinks while they are not full, else to the recent buffer.
+
+  score: f32[B, K] attention the token has already received (H2O; akv_jax.extend), else it starts at 0.
+  """
   z = ckv.sink_k.shape[2]
   to_sink = ckv.sink_fill < z                                            # [B]
   sink_on = jnp.broadcast_to(to_sink[:, None], ckv.key_fill.shape)
@@ -95,7 +98,8 @@ def _push(ckv: CompressedKV, k_t, v_t):
       next_pos=ckv.next_pos + 1, dropped=ckv.dropped + (~sink_on & ~room).astype(jnp.int32))
   if ckv.scores is not None:
     m = ckv.scores.shape[-1] - ckv.recent_capacity
-    updates["scores"] = _set_slot(ckv.scores, m + nk, jnp.zeros(nk.shape), on)
+    score = jnp.zeros(nk.shape) if score is None else score
+    updates["scores"] = _set_slot(ckv.scores, m + nk, score, on)
   return dataclasses.replace(ckv, **updates)
 
 
@@ -167,7 +171,7 @@ def check_implementation(implementation: str | None, interpret: bool) -> None:
 
 
 def _append(ckv: CompressedKV, k_t: jax.Array, v_t: jax.Array, policy: Policy, implementation: str | None = None,
-            interpret: bool = False) -> CompressedKV:
+            interpret: bool = False, score: jax.Array | None = None) -> CompressedKV:
   check_implementation(implementation, interpret)
   impl = (implementation, interpret)
   validation.compressed(ckv)
@@ -179,7 +183,7 @@ def _append(ckv: CompressedKV, k_t: jax.Array, v_t: jax.Array, policy: Policy, i
                      "(its body is quantized)")
   # The recent capacity is the bf16 window plus one flush unit of headroom (see Policy.layout).
   recent = ckv.recent_capacity - flush
-  ckv = _push(ckv, k_t, v_t)
+  ckv = _push(ckv, k_t, v_t, score)
   if policy.evicting:
     return _flush_evict(ckv, recent, impl)
   return _flush_kivi(ckv, recent, flush, impl)
