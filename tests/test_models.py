@@ -125,6 +125,93 @@ def test_bad_input(params, tokens):
     models.decode_step(CFG, params, cache[:1], tokens[:, 0], pol)
 
 
+def test_blocked_prefill_attention_equals_one_block():
+  keys = jax.random.split(jax.random.key(7), 3)
+  q = jax.random.normal(keys[0], (2, 300, 4, 16))
+  k, v = (jax.random.normal(x, (2, 300, 2, 16)) for x in keys[1:])
+  lengths = jnp.array([300, 170])
+  whole, _ = llama._causal_attn(0, q, k, v, lengths, block=300)
+  for block in (64, 100, 299):
+    blocked, _ = llama._causal_attn(0, q, k, v, lengths, block=block)
+    np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_full_policy_extend_equals_full_forward(params, tokens):
+  """A context prefilled, then a ragged chunk extended on top: logits at every real chunk position equal the
+  uncompressed forward pass of context + chunk."""
+  lengths, counts, t = jnp.array([S, 101]), jnp.array([NEW, 5]), NEW
+  pol = akv.presets.get("full")
+  _, cache = models.prefill(CFG, params, tokens[:, :S], lengths, pol, reserve=t)
+  chunk = tokens[jnp.arange(2)[:, None], lengths[:, None] + jnp.arange(t)[None, :]]
+  logits, cache = models.extend(CFG, params, cache, chunk, pol, counts=counts)
+  for row in range(2):
+    n, c = int(lengths[row]), int(counts[row])
+    ref = models.forward(CFG, params, tokens[row:row + 1, :n + c])[0, n:]
+    np.testing.assert_allclose(logits[row, :c], ref, rtol=1e-5, atol=1e-5)
+    assert int(cache[0].next_pos[row]) == n + c
+
+
+@pytest.mark.parametrize("name", ["full", "hybrid_8x"])
+def test_generate_with_suffix_equals_prefill_then_extend(params, tokens, name):
+  """generate(suffix=...) is prefill of the prompt, extend by the suffix, then greedy decoding; with the full
+  policy that is greedy decoding of prompt + suffix."""
+  pol = _small(name)
+  lengths, counts = jnp.array([S, 120]), jnp.array([7, 3])
+  suffix = jax.random.randint(jax.random.key(5), (2, 7), 1, CFG.vocab_size)
+  out, _, _ = models.generate(CFG, params, tokens[:, :S], lengths, pol, NEW, suffix=suffix, suffix_lengths=counts)
+  _, cache = models.prefill(CFG, params, tokens[:, :S], lengths, pol, reserve=NEW + 7)
+  logits, cache = models.extend(CFG, params, cache, suffix, pol, counts=counts)
+  logits = logits[jnp.arange(2), counts - 1]
+  steps = []
+  for _ in range(NEW):
+    tok = jnp.argmax(logits, -1).astype(jnp.int32)
+    steps.append(tok)
+    logits, cache = models.decode_step(CFG, params, cache, tok, pol)
+  np.testing.assert_array_equal(out, jnp.stack(steps, 1))
+  if name == "full":
+    for row in range(2):
+      prompt = jnp.concatenate([tokens[row, :int(lengths[row])], suffix[row, :int(counts[row])]])
+      np.testing.assert_array_equal(out[row], _greedy_reference(params, prompt, NEW))
+
+
+@pytest.mark.parametrize("name", ["full", "kivi2", "streaming"])
+def test_teacher_force_equals_decode_steps(params, tokens, name):
+  pol = _small(name)
+  lengths = jnp.array([S, 130])
+  _, cache = models.prefill(CFG, params, tokens[:, :S], lengths, pol, reserve=NEW)
+  feed = tokens[jnp.arange(2)[:, None], lengths[:, None] + jnp.arange(NEW)[None, :]]
+  logits, _ = models.teacher_force(CFG, params, jax.tree_util.tree_map(jnp.copy, cache), feed, pol)
+  for t in range(NEW):
+    step, cache = models.decode_step(CFG, params, cache, feed[:, t], pol)
+    np.testing.assert_allclose(logits[:, t], step, rtol=1e-5, atol=1e-5)
+  if name == "full":
+    for row in range(2):
+      n = int(lengths[row])
+      ref = models.forward(CFG, params, tokens[row:row + 1, :n + NEW])[0, n:]
+      np.testing.assert_allclose(logits[row], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_extend_and_suffix_errors(params, tokens):
+  pol = akv.presets.get("full")
+  lengths = jnp.array([S, S])
+  with pytest.raises(ValueError, match="suffix needs suffix_lengths"):
+    models.generate(CFG, params, tokens[:, :S], lengths, pol, 2, suffix=tokens[:, :4])
+  with pytest.raises(ValueError, match="suffix_lengths given without a suffix"):
+    models.generate(CFG, params, tokens[:, :S], lengths, pol, 2, suffix_lengths=jnp.array([1, 1]))
+  with pytest.raises(ValueError, match="suffix batch 1 does not match the prompts' 2"):
+    models.generate(CFG, params, tokens[:, :S], lengths, pol, 2, suffix=tokens[:1, :4], suffix_lengths=jnp.array([4]))
+  with pytest.raises(ValueError, match=r"prompt capacity 160 plus 402 new tokens exceeds max_seq_len=512"):
+    models.generate(CFG, params, tokens[:, :S], lengths, pol, 400, suffix=tokens[:, :2],
+                    suffix_lengths=jnp.array([2, 2]))
+  _, cache = models.prefill(CFG, params, tokens[:, :S], lengths, pol, reserve=4)
+  with pytest.raises(ValueError, match=r"lengths \[5, 1\] must be in \[1, 4\]"):
+    models.extend(CFG, params, cache, tokens[:, :4], pol, counts=jnp.array([5, 1]))
+  with pytest.raises(ValueError, match="cache has 1 layers, the model 2"):
+    models.extend(CFG, params, cache[:1], tokens[:, :4], pol)
+  with pytest.raises(ValueError, match="cache has 1 layers, the model 2"):
+    models.teacher_force(CFG, params, cache[:1], tokens[:, :4], pol)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(num_heads=4, num_kv_heads=3), "num_heads=4 must be a multiple of num_kv_heads=3"),
     (dict(hidden_size=30, num_heads=4), "hidden_size=30 is not divisible by num_heads=4"),

@@ -6,10 +6,12 @@ from akv_jax.models.config import apply_rope as apply_rope
 from akv_jax.models.config import inverse_frequencies as inverse_frequencies
 from akv_jax.models.llama import Llama as Llama
 from akv_jax.models.llama import decode_step as decode_step
+from akv_jax.models.llama import extend as extend
 from akv_jax.models.llama import forward as forward
 from akv_jax.models.llama import generate as generate
 from akv_jax.models.llama import init_params as init_params
 from akv_jax.models.llama import prefill as prefill
+from akv_jax.models.llama import teacher_force as teacher_force
 from akv_jax.models.sharding import shard_batch as shard_batch
 from akv_jax.models.sharding import shard_cache as shard_cache
 from akv_jax.models.sharding import shard_params as shard_params
@@ -20,3 +22,10 @@ from akv_jax.models.checkpoint import load_tokenizer as load_tokenizer
 from akv_jax.models.checkpoint import save_checkpoint as save_checkpoint
 from akv_jax.models.default import load_default as load_default
 from akv_jax.models.llama import capture_qkv as capture_qkv
+from akv_jax.models.gguf import ChatTemplate as ChatTemplate
+from akv_jax.models.gguf import SpecialTokens as SpecialTokens
+from akv_jax.models.gguf import load_chat_template as load_chat_template
+from akv_jax.models.gguf import load_gguf as load_gguf
+from akv_jax.models.gguf import load_gguf_tokenizer as load_gguf_tokenizer
+from akv_jax.models.gguf import load_special_tokens as load_special_tokens
+from akv_jax.models.gguf import smollm2_path as smollm2_path

@@ -122,19 +122,39 @@ def init_params(config: LlamaConfig, key: jax.Array) -> dict:
 # ---------------------------------------------------------------------------------------------- attention fns
 
 
-def _causal_attn(layer: int, q, k, v, lengths: jax.Array | None = None):
-  """Dense causal attention of q [B, T, N, H] over k, v [B, T, K, H]; padding keys (>= lengths) masked."""
+# Query tokens per block of the XLA prefill attention: its scores are [B, K, G, block, S'] at a time, never the
+# whole [T, S] matrix of every head (8k tokens, batch 4 and 9 heads would be 9.7 GB of f32 scores). 256 was the
+# fastest of 128-1024 for SmolLM2's shapes at 4k on a 2-core CPU.
+PREFILL_BLOCK = 256
+
+
+def _causal_attn(layer: int, q, k, v, lengths: jax.Array | None = None, block: int = PREFILL_BLOCK):
+  """Dense causal attention of q [B, T, N, H] over k, v [B, T, K, H]; padding keys (>= lengths) masked.
+
+  Queries go `block` at a time, each over the keys up to its block's end only (causality makes the rest zero), so
+  peak memory is O(block * T) and the work about half of the full square. On a CPU the softmax's elementwise passes
+  over the scores cost more than the two matmuls, so the probabilities are left unnormalized and the division is
+  done on the [.., H] outputs instead of the [.., S] scores.
+  """
   del layer
   b, t, n, h = q.shape
   kh = k.shape[2]
-  qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h) / math.sqrt(h)
-  s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32))
-  mask = jnp.tril(jnp.ones((t, t), bool))[None, None, None]
-  if lengths is not None:
-    mask = mask & (jnp.arange(t) < lengths[:, None])[:, None, None, None, :]
-  p = jax.nn.softmax(jnp.where(mask, s, _MASKED), axis=-1)
-  o = jnp.einsum("BKGTS,BSKH->BTKGH", p, v.astype(jnp.float32))
-  return o.reshape(b, t, n, h).astype(q.dtype), None
+  qg = (q.astype(jnp.float32) / math.sqrt(h)).reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,H]
+  kf = k.astype(jnp.float32).transpose(0, 2, 1, 3)                                                   # [B, K, T, H]
+  vf = v.astype(jnp.float32).transpose(0, 2, 1, 3)
+  outs = []
+  for start in range(0, t, block):
+    end = min(start + block, t)
+    s = jnp.einsum("BKGTH,BKSH->BKGTS", qg[:, :, :, start:end], kf[:, :, :end])
+    mask = (jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None])[None, None, None]
+    if lengths is not None:
+      mask = mask & (jnp.arange(end) < lengths[:, None])[:, None, None, None, :]
+    s = jnp.where(mask, s, _MASKED)
+    p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    o = jnp.einsum("BKGTS,BKSH->BKGTH", p, vf[:, :, :end]) / jnp.sum(p, axis=-1, keepdims=True)
+    outs.append(o)
+  o = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+  return o.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype), None
 
 
 def _last_queries(q: jax.Array, lengths: jax.Array, t: int) -> jax.Array:
@@ -310,10 +330,91 @@ def decode_step(config: LlamaConfig, params, cache: tuple[CompressedKV, ...], to
   `akv.append`: None (Pallas kernels on a GPU where they apply), "xla", or "pallas" (an error where it cannot run).
   """
   _check_tokens(config, tokens)
-  if len(cache) != config.num_layers:
-    raise ValueError(f"cache has {len(cache)} layers, the model {config.num_layers}")
+  _check_cache(config, cache)
   check_implementation(implementation, interpret)
   return _decode_jit(config, params, cache, tokens, policy, implementation, interpret)
+
+
+def _extend(config: LlamaConfig, params, cache, tokens, counts, policy: Policy, implementation: str | None = None,
+            interpret: bool = False):
+  """tokens i32[B, T] over the compressed cache (akv.extend per layer) -> (hidden [B, T, D], cache)."""
+  model = Llama(config)
+  t = tokens.shape[1]
+  positions = cache[0].next_pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  kernels = dict(implementation=implementation, interpret=interpret)
+
+  def attn(layer, q, k, v):
+    out, c = akv.extend(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), cache[layer],
+                        policy, counts=counts, **kernels)
+    return out.transpose(0, 2, 1, 3), c
+
+  return model.apply({"params": params}, tokens, positions, attn)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy", "implementation", "interpret"),
+                   donate_argnames=("cache",))
+def _extend_jit(config, params, cache, tokens, counts, policy, implementation=None, interpret=False):
+  hidden, cache = _extend(config, params, cache, tokens, counts, policy, implementation, interpret)
+  return Llama(config).apply({"params": params}, hidden, method=Llama.logits), cache
+
+
+def _check_cache(config: LlamaConfig, cache) -> None:
+  if len(cache) != config.num_layers:
+    raise ValueError(f"cache has {len(cache)} layers, the model {config.num_layers}")
+
+
+def extend(config: LlamaConfig, params, cache: tuple[CompressedKV, ...], tokens: jax.Array, policy: Policy, *,
+           counts: jax.Array | None = None, implementation: str | None = None,
+           interpret: bool = False) -> tuple[jax.Array, tuple[CompressedKV, ...]]:
+  """Runs T new tokens per row on top of a compressed cache (a question after a context compressed without it).
+
+  Each token attends to every slot of its layer's cache and causally to the tokens before it (akv.extend), then
+  the tokens are appended by the policy's decode rule. The cache argument is donated.
+
+  Args:
+    tokens: i32[B, T], right-padded; counts: i32[B] real tokens per row (default T).
+    policy: the static policy the cache was built with; reserve room for the tokens at prefill.
+
+  Returns:
+    (logits f32[B, T, V] of every position (rows' padding positions hold garbage), updated cache).
+  """
+  _check_tokens(config, tokens, counts)
+  _check_cache(config, cache)
+  check_implementation(implementation, interpret)
+  b, t = tokens.shape
+  counts = jnp.full((b,), t, jnp.int32) if counts is None else jnp.asarray(counts, jnp.int32)
+  return _extend_jit(config, params, cache, tokens, counts, policy, implementation, interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy", "implementation", "interpret"),
+                   donate_argnames=("cache",))
+def _teacher_force(config, params, cache, tokens, policy, implementation=None, interpret=False):
+  def body(cache, tok):
+    logits, cache = _decode(config, params, cache, tok, policy, implementation, interpret)
+    return cache, logits
+
+  cache, logits = jax.lax.scan(body, cache, tokens.T)
+  return jnp.moveaxis(logits, 0, 1), cache
+
+
+def teacher_force(config: LlamaConfig, params, cache: tuple[CompressedKV, ...], tokens: jax.Array,
+                  policy: Policy, *, implementation: str | None = None,
+                  interpret: bool = False) -> tuple[jax.Array, tuple[CompressedKV, ...]]:
+  """Feeds tokens i32[B, L] one decode step at a time (a lax.scan of decode_step) and returns every step's logits.
+
+  Decode-time cache maintenance (KIVI's flush, StreamingLLM and H2O eviction) happens at every step, as in
+  generation; this is how a continuation's likelihood under a compressed cache is measured. The cache argument is
+  donated.
+
+  Returns:
+    (logits f32[B, L, V], where step l predicts the token after tokens[:, l]; the final cache).
+  """
+  _check_tokens(config, tokens)
+  _check_cache(config, cache)
+  check_implementation(implementation, interpret)
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be [B, L], got shape {tokens.shape}")
+  return _teacher_force(config, params, cache, tokens, policy, implementation, interpret)
 
 
 def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
@@ -329,8 +430,13 @@ def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) -
 @functools.partial(jax.jit, static_argnames=("config", "policy", "max_new_tokens", "temperature", "top_k",
                                              "stop_tokens", "implementation", "interpret"))
 def _generate(config, params, tokens, lengths, policy, max_new_tokens, temperature, top_k, stop_tokens, key,
-              implementation=None, interpret=False):
-  logits, cache = _prefill(config, params, tokens, lengths, policy, max_new_tokens, implementation, interpret)
+              implementation=None, interpret=False, suffix=None, suffix_lengths=None):
+  reserve = max_new_tokens + (0 if suffix is None else suffix.shape[1])
+  logits, cache = _prefill(config, params, tokens, lengths, policy, reserve, implementation, interpret)
+  if suffix is not None:
+    hidden, cache = _extend(config, params, cache, suffix, suffix_lengths, policy, implementation, interpret)
+    last = jnp.take_along_axis(hidden, (suffix_lengths - 1)[:, None, None], axis=1)[:, 0]
+    logits = Llama(config).apply({"params": params}, last, method=Llama.logits)
   b = tokens.shape[0]
   stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
   out = jnp.zeros((b, max_new_tokens), jnp.int32)
@@ -355,21 +461,36 @@ def _generate(config, params, tokens, lengths, policy, max_new_tokens, temperatu
 
 def generate(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array, policy: Policy,
              max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0, stop_tokens: tuple[int, ...] = (),
-             key: jax.Array | None = None, implementation: str | None = None, interpret: bool = False):
+             key: jax.Array | None = None, suffix: jax.Array | None = None, suffix_lengths: jax.Array | None = None,
+             implementation: str | None = None, interpret: bool = False):
   """Greedy (temperature 0) or temperature / top-k sampling in a lax loop over a compressed cache.
 
   Args:
     tokens: i32[B, S] right-padded prompts; lengths: i32[B].
-    policy: static compression policy; the cache reserves max_new_tokens of room.
+    policy: static compression policy; the cache reserves max_new_tokens of room (plus the suffix).
     max_new_tokens: tokens to generate per row (static).
     stop_tokens: ids that end a row (the stop token is included in its output); later slots hold 0.
+    suffix: i32[B, T] tokens run after the prompt was compressed (`extend`), with suffix_lengths i32[B]: the
+      question-agnostic setting, where the prompt is the context and the suffix the question. None: the whole
+      prompt is prefilled (and compressed) at once.
     implementation, interpret: kernels for the prefill (`prefill`) and every decode step (`decode_step`).
 
   Returns:
     (new tokens i32[B, max_new_tokens], generated counts i32[B], final cache).
   """
   _check_tokens(config, tokens, lengths)
-  _check_capacity(config, tokens.shape[1], max_new_tokens)
+  extra = max_new_tokens
+  if suffix is not None:
+    if suffix_lengths is None:
+      raise ValueError("suffix needs suffix_lengths i32[B]")
+    _check_tokens(config, suffix, suffix_lengths)
+    if suffix.shape[0] != tokens.shape[0]:
+      raise ValueError(f"suffix batch {suffix.shape[0]} does not match the prompts' {tokens.shape[0]}")
+    extra += suffix.shape[1]
+    suffix_lengths = jnp.asarray(suffix_lengths, jnp.int32)
+  elif suffix_lengths is not None:
+    raise ValueError("suffix_lengths given without a suffix")
+  _check_capacity(config, tokens.shape[1], extra)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
   if temperature < 0:
@@ -382,7 +503,7 @@ def generate(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array,
   _prefill_attention(config, implementation, interpret, policy)   # validates the request before tracing
   key = jax.random.key(0) if key is None else key
   return _generate(config, params, tokens, lengths, policy, max_new_tokens, float(temperature), int(top_k),
-                   tuple(stop_tokens), key, implementation, interpret)
+                   tuple(stop_tokens), key, implementation, interpret, suffix, suffix_lengths)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
