@@ -191,6 +191,42 @@ def test_teacher_force_equals_decode_steps(params, tokens, name):
       np.testing.assert_allclose(logits[row], ref, rtol=1e-5, atol=1e-5)
 
 
+def test_prefill_many_equals_one_prefill_per_policy(params, tokens):
+  pols = tuple(_small(n) for n in ("full", "hybrid_8x", "h2o", "tova", "adakv"))
+  lengths = jnp.array([S, 111])
+  logits, caches = models.prefill_many(CFG, params, tokens[:, :S], lengths, pols, reserve=NEW)
+  assert len(caches) == len(pols)
+  for pol, cache in zip(pols, caches):
+    one_logits, one = models.prefill(CFG, params, tokens[:, :S], lengths, pol, reserve=NEW)
+    np.testing.assert_allclose(logits, one_logits, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(cache), jax.tree_util.tree_leaves(one), strict=True):
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6, atol=1e-6)
+  suffix, counts = tokens[:, S:S + 4], jnp.array([4, 2])
+  for pol, cache in zip(pols, caches):
+    out, count, _ = models.generate_from(CFG, params, logits, cache, pol, 6, suffix=suffix, suffix_lengths=counts)
+    want, want_count, _ = models.generate(CFG, params, tokens[:, :S], lengths, pol, 6, suffix=suffix,
+                                          suffix_lengths=counts)
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(count, want_count)
+
+
+def test_bf16_kv_cache_of_an_f32_model(params, tokens):
+  """kv_dtype rounds K/V once, where they are made: the cache holds bf16 and prefill attends to the same values."""
+  cfg = dataclasses.replace(CFG, kv_dtype="bfloat16")
+  lengths = jnp.array([S, 90])
+  pol = akv.presets.get("full")
+  logits, cache = models.prefill(cfg, params, tokens[:, :S], lengths, pol, reserve=NEW)
+  _, cache32 = models.prefill(CFG, params, tokens[:, :S], lengths, pol, reserve=NEW)
+  assert cache[0].recent_k.dtype == jnp.bfloat16 and cache32[0].recent_k.dtype == jnp.float32
+  assert akv.nbytes(cache) < akv.nbytes(cache32)
+  logits_step, _ = models.decode_step(cfg, params, cache, tokens[jnp.arange(2), lengths], pol)
+  full = models.forward(cfg, params, tokens)
+  np.testing.assert_allclose(logits, full[jnp.arange(2), lengths - 1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits_step, full[jnp.arange(2), lengths], rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="kv_dtype='float16' must be None, 'float32' or 'bfloat16'"):
+    dataclasses.replace(CFG, kv_dtype="float16")
+
+
 def test_extend_and_suffix_errors(params, tokens):
   pol = akv.presets.get("full")
   lengths = jnp.array([S, S])
@@ -210,6 +246,10 @@ def test_extend_and_suffix_errors(params, tokens):
     models.extend(CFG, params, cache[:1], tokens[:, :4], pol)
   with pytest.raises(ValueError, match="cache has 1 layers, the model 2"):
     models.teacher_force(CFG, params, cache[:1], tokens[:, :4], pol)
+  with pytest.raises(ValueError, match="policies must be a non-empty tuple of Policy"):
+    models.prefill_many(CFG, params, tokens[:, :S], lengths, [pol])
+  with pytest.raises(ValueError, match="policies must be a non-empty tuple of Policy"):
+    models.prefill_many(CFG, params, tokens[:, :S], lengths, ())
 
 
 @pytest.mark.parametrize("kwargs, match", [

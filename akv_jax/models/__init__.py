@@ -9,8 +9,10 @@ from akv_jax.models.llama import decode_step as decode_step
 from akv_jax.models.llama import extend as extend
 from akv_jax.models.llama import forward as forward
 from akv_jax.models.llama import generate as generate
+from akv_jax.models.llama import generate_from as generate_from
 from akv_jax.models.llama import init_params as init_params
 from akv_jax.models.llama import prefill as prefill
+from akv_jax.models.llama import prefill_many as prefill_many
 from akv_jax.models.llama import teacher_force as teacher_force
 from akv_jax.models.sharding import shard_batch as shard_batch
 from akv_jax.models.sharding import shard_cache as shard_cache

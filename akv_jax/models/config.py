@@ -50,6 +50,7 @@ class LlamaConfig:
   tie_embeddings: bool = False
   max_seq_len: int = 8192
   dtype: str = "float32"
+  kv_dtype: str | None = None
 
   def __post_init__(self):
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -65,6 +66,8 @@ class LlamaConfig:
       raise ValueError(f"head_dim={self.hd} must be even for rotary embeddings")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+    if self.kv_dtype not in (None, "float32", "bfloat16"):
+      raise ValueError(f"kv_dtype={self.kv_dtype!r} must be None, 'float32' or 'bfloat16'")
 
   @property
   def hd(self) -> int:
@@ -74,6 +77,10 @@ class LlamaConfig:
   @property
   def jnp_dtype(self):
     return jnp.dtype(self.dtype)
+
+  @property
+  def kv_jnp_dtype(self):
+    return jnp.dtype(self.kv_dtype or self.dtype)
 
 
 def inverse_frequencies(config: LlamaConfig) -> np.ndarray:

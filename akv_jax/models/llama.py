@@ -71,8 +71,9 @@ class Block(nn.Module):
     b, t, _ = x.shape
     h = self.input_layernorm(x)
     q = apply_rope(self.q_proj(h).reshape(b, t, c.num_heads, c.hd), positions, c)
-    k = apply_rope(self.k_proj(h).reshape(b, t, c.num_kv_heads, c.hd), positions, c)
-    v = self.v_proj(h).reshape(b, t, c.num_kv_heads, c.hd)
+    # K/V in the cache dtype from the start, so prefill attends to exactly what decoding will read back.
+    k = apply_rope(self.k_proj(h).reshape(b, t, c.num_kv_heads, c.hd), positions, c).astype(c.kv_jnp_dtype)
+    v = self.v_proj(h).reshape(b, t, c.num_kv_heads, c.hd).astype(c.kv_jnp_dtype)
     o, aux = attn_fn(layer, q, k, v)
     x = x + self.o_proj(o.reshape(b, t, -1).astype(x.dtype))
     h = self.post_attention_layernorm(x)
@@ -251,24 +252,33 @@ def _prefill_attention(config: LlamaConfig, implementation: str | None, interpre
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy", "reserve", "implementation", "interpret"))
-def _prefill(config: LlamaConfig, params, tokens, lengths, policy: Policy, reserve: int,
+def _prefill(config: LlamaConfig, params, tokens, lengths, policy: Policy | tuple[Policy, ...], reserve: int,
              implementation: str | None = None, interpret: bool = False):
+  """One pass over the prompt; each layer's K/V compressed by `policy`, or by each of a tuple of policies (then the
+  cache is a tuple of caches, one per policy: the forward pass is the same for all, only compress differs)."""
   model = Llama(config)
   b, s = tokens.shape
   lengths = jnp.asarray(lengths, jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  n_obs = _observation_length(policy, s)
-  causal_attn = _prefill_attention(config, implementation, interpret, policy)
+  many = isinstance(policy, tuple)
+  policies = policy if many else (policy,)
+  # Kernel votes are one policy's statistics; several policies read their own observation queries instead.
+  causal_attn = _causal_attn if many else _prefill_attention(config, implementation, interpret, policy)
 
   def attn(layer, q, k, v):
     o, votes = causal_attn(layer, q, k, v, lengths)
     kv = DenseKV(k=k.transpose(0, 2, 1, 3), v=v.transpose(0, 2, 1, 3), lengths=lengths)
-    q_obs = None if n_obs is None or votes is not None else _last_queries(q, lengths, min(n_obs, s))
-    ckv = akv.compress(kv, policy, queries=q_obs, votes=votes, layer=layer, num_layers=config.num_layers,
-                       reserve=reserve)
-    return o, ckv
+    caches = []
+    for pol in policies:
+      n_obs = _observation_length(pol, s)
+      q_obs = None if n_obs is None or votes is not None else _last_queries(q, lengths, min(n_obs, s))
+      caches.append(akv.compress(kv, pol, queries=q_obs, votes=votes, layer=layer, num_layers=config.num_layers,
+                                 reserve=reserve))
+    return o, tuple(caches) if many else caches[0]
 
   hidden, cache = model.apply({"params": params}, tokens, positions, attn)
+  if many:   # per layer a tuple over policies -> per policy a tuple over layers
+    cache = tuple(tuple(layer[i] for layer in cache) for i in range(len(policies)))
   last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
   return model.apply({"params": params}, last, method=Llama.logits), cache
 
@@ -296,6 +306,24 @@ def prefill(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array, 
   _check_capacity(config, tokens.shape[1], reserve)
   _prefill_attention(config, implementation, interpret, policy)   # validates the request before tracing
   return _prefill(config, params, tokens, lengths, policy, reserve, implementation, interpret)
+
+
+def prefill_many(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array,
+                 policies: tuple[Policy, ...], *, reserve: int = 0) -> tuple[jax.Array, tuple]:
+  """`prefill` for several policies from one forward pass: each layer's K/V is compressed by every policy.
+
+  Question-aware compression reads only the prompt, so the pass is the same for all policies; an evaluation of
+  many policies on one prompt pays for it once. Prefill attention is the XLA path (kernel votes belong to one
+  policy).
+
+  Returns:
+    (logits f32[B, V] of each row's last prompt token, one cache per policy, in the order given).
+  """
+  if not isinstance(policies, tuple) or not policies or not all(isinstance(p, Policy) for p in policies):
+    raise ValueError(f"policies must be a non-empty tuple of Policy, got {policies!r}")
+  _check_tokens(config, tokens, lengths)
+  _check_capacity(config, tokens.shape[1], reserve)
+  return _prefill(config, params, tokens, lengths, policies, reserve)
 
 
 def _decode(config: LlamaConfig, params, cache, tokens, policy: Policy, implementation: str | None = None,
@@ -427,24 +455,21 @@ def _sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) -
   return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "max_new_tokens", "temperature", "top_k",
-                                             "stop_tokens", "implementation", "interpret"))
-def _generate(config, params, tokens, lengths, policy, max_new_tokens, temperature, top_k, stop_tokens, key,
-              implementation=None, interpret=False, suffix=None, suffix_lengths=None):
-  reserve = max_new_tokens + (0 if suffix is None else suffix.shape[1])
-  logits, cache = _prefill(config, params, tokens, lengths, policy, reserve, implementation, interpret)
-  if suffix is not None:
-    hidden, cache = _extend(config, params, cache, suffix, suffix_lengths, policy, implementation, interpret)
-    last = jnp.take_along_axis(hidden, (suffix_lengths - 1)[:, None, None], axis=1)[:, 0]
-    logits = Llama(config).apply({"params": params}, last, method=Llama.logits)
-  b = tokens.shape[0]
+def _sample_loop(config, params, logits, cache, policy, max_new_tokens, temperature, top_k, stop_tokens, key,
+                 implementation, interpret):
+  """Samples from logits f32[B, V], then decodes until every row stopped or max_new_tokens were generated."""
+  b = logits.shape[0]
   stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
   out = jnp.zeros((b, max_new_tokens), jnp.int32)
   done = jnp.zeros((b,), bool)
   count = jnp.zeros((b,), jnp.int32)
 
-  def body(i, carry):
-    logits, cache, out, done, count, key = carry
+  def cond(carry):
+    i, done = carry[0], carry[4]
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    i, logits, cache, out, done, count, key = carry
     key, sub = jax.random.split(key)
     tok = _sample(logits, sub, temperature, top_k)
     tok = jnp.where(done, 0, tok)
@@ -452,11 +477,81 @@ def _generate(config, params, tokens, lengths, policy, max_new_tokens, temperatu
     count = count + (~done).astype(jnp.int32)
     done = done | jnp.any(tok[:, None] == stops[None, :], axis=-1)
     logits, cache = _decode(config, params, cache, tok, policy, implementation, interpret)
-    return logits, cache, out, done, count, key
+    return i + 1, logits, cache, out, done, count, key
 
-  # The last iteration's decode step is wasted work, kept so the loop body is uniform (one compiled step).
-  _, cache, out, _, count, _ = jax.lax.fori_loop(0, max_new_tokens, body, (logits, cache, out, done, count, key))
-  return out, count, cache
+  # Ends as soon as every row has stopped: a short answer does not pay for the longest one allowed. The step after
+  # a row's last token is still run (its logits are not used), so the loop body stays one compiled step.
+  carry = jax.lax.while_loop(cond, body, (jnp.int32(0), logits, cache, out, done, count, key))
+  return carry[3], carry[5], carry[2]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy", "max_new_tokens", "temperature", "top_k",
+                                             "stop_tokens", "implementation", "interpret"))
+def _generate(config, params, tokens, lengths, policy, max_new_tokens, temperature, top_k, stop_tokens, key,
+              implementation=None, interpret=False, suffix=None, suffix_lengths=None):
+  reserve = max_new_tokens + (0 if suffix is None else suffix.shape[1])
+  logits, cache = _prefill(config, params, tokens, lengths, policy, reserve, implementation, interpret)
+  return _continue(config, params, logits, cache, policy, max_new_tokens, temperature, top_k, stop_tokens, key,
+                   implementation, interpret, suffix, suffix_lengths)
+
+
+def _continue(config, params, logits, cache, policy, max_new_tokens, temperature, top_k, stop_tokens, key,
+              implementation, interpret, suffix, suffix_lengths):
+  if suffix is not None:
+    hidden, cache = _extend(config, params, cache, suffix, suffix_lengths, policy, implementation, interpret)
+    last = jnp.take_along_axis(hidden, (suffix_lengths - 1)[:, None, None], axis=1)[:, 0]
+    logits = Llama(config).apply({"params": params}, last, method=Llama.logits)
+  return _sample_loop(config, params, logits, cache, policy, max_new_tokens, temperature, top_k, stop_tokens, key,
+                      implementation, interpret)
+
+
+_continue_jit = jax.jit(_continue, static_argnames=("config", "policy", "max_new_tokens", "temperature", "top_k",
+                                                    "stop_tokens", "implementation", "interpret"),
+                        donate_argnames=("cache",))
+
+
+def _check_generation(config, batch, max_new_tokens, temperature, top_k, stop_tokens, suffix, suffix_lengths):
+  """Shared checks of generate and generate_from; returns the tokens the cache must make room for."""
+  extra = max_new_tokens
+  if suffix is not None:
+    if suffix_lengths is None:
+      raise ValueError("suffix needs suffix_lengths i32[B]")
+    _check_tokens(config, suffix, suffix_lengths)
+    if suffix.shape[0] != batch:
+      raise ValueError(f"suffix batch {suffix.shape[0]} does not match the prompts' {batch}")
+    extra += suffix.shape[1]
+  elif suffix_lengths is not None:
+    raise ValueError("suffix_lengths given without a suffix")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  if temperature < 0:
+    raise ValueError(f"temperature={temperature} must be >= 0")
+  if top_k < 0 or top_k > config.vocab_size:
+    raise ValueError(f"top_k={top_k} must be in [0, {config.vocab_size}]")
+  for t in stop_tokens:
+    if not 0 <= t < config.vocab_size:
+      raise ValueError(f"stop token {t} is out of the vocabulary [0, {config.vocab_size})")
+  return extra
+
+
+def generate_from(config: LlamaConfig, params, logits: jax.Array, cache: tuple[CompressedKV, ...], policy: Policy,
+                  max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0, stop_tokens: tuple[int, ...] = (),
+                  key: jax.Array | None = None, suffix: jax.Array | None = None,
+                  suffix_lengths: jax.Array | None = None, implementation: str | None = None,
+                  interpret: bool = False):
+  """`generate` from a prefilled cache (say one of `prefill_many`'s): logits f32[B, V] of the last prompt token.
+
+  The cache must have been prefilled with room for the suffix and max_new_tokens (`reserve`); it is donated.
+  Returns (new tokens i32[B, max_new_tokens], generated counts i32[B], final cache) as `generate` does.
+  """
+  _check_cache(config, cache)
+  _check_generation(config, logits.shape[0], max_new_tokens, temperature, top_k, stop_tokens, suffix,
+                    suffix_lengths)
+  check_implementation(implementation, interpret)
+  suffix_lengths = None if suffix_lengths is None else jnp.asarray(suffix_lengths, jnp.int32)
+  key = jax.random.key(0) if key is None else key
+  return _continue_jit(config, params, logits, cache, policy, max_new_tokens, float(temperature), int(top_k),
+                       tuple(stop_tokens), key, implementation, interpret, suffix, suffix_lengths)
 
 
 def generate(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array, policy: Policy,
@@ -479,27 +574,10 @@ def generate(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array,
     (new tokens i32[B, max_new_tokens], generated counts i32[B], final cache).
   """
   _check_tokens(config, tokens, lengths)
-  extra = max_new_tokens
-  if suffix is not None:
-    if suffix_lengths is None:
-      raise ValueError("suffix needs suffix_lengths i32[B]")
-    _check_tokens(config, suffix, suffix_lengths)
-    if suffix.shape[0] != tokens.shape[0]:
-      raise ValueError(f"suffix batch {suffix.shape[0]} does not match the prompts' {tokens.shape[0]}")
-    extra += suffix.shape[1]
-    suffix_lengths = jnp.asarray(suffix_lengths, jnp.int32)
-  elif suffix_lengths is not None:
-    raise ValueError("suffix_lengths given without a suffix")
+  extra = _check_generation(config, tokens.shape[0], max_new_tokens, temperature, top_k, stop_tokens, suffix,
+                            suffix_lengths)
   _check_capacity(config, tokens.shape[1], extra)
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-  if temperature < 0:
-    raise ValueError(f"temperature={temperature} must be >= 0")
-  if top_k < 0 or top_k > config.vocab_size:
-    raise ValueError(f"top_k={top_k} must be in [0, {config.vocab_size}]")
-  for t in stop_tokens:
-    if not 0 <= t < config.vocab_size:
-      raise ValueError(f"stop token {t} is out of the vocabulary [0, {config.vocab_size})")
+  suffix_lengths = None if suffix_lengths is None else jnp.asarray(suffix_lengths, jnp.int32)
   _prefill_attention(config, implementation, interpret, policy)   # validates the request before tracing
   key = jax.random.key(0) if key is None else key
   return _generate(config, params, tokens, lengths, policy, max_new_tokens, float(temperature), int(top_k),
