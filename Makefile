@@ -1,5 +1,5 @@
 # Two entry points that work on a fresh machine with Python 3.11 and pip:
-#   make run    set up .venv and run the main job (hybrid_8x vs the full cache on the shipped model)
+#   make run    set up .venv and run the main job (hybrid_8x vs the full cache on SmolLM2-135M-Instruct)
 #   make test   set up .venv and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
-	$(PY) experiments/run_experiment.py --config experiments/hybrid_8x.yaml --out out/hybrid_8x
+	$(PY) experiments/run_real.py --config experiments/smollm2_hybrid_8x.yaml --out out/hybrid_8x
 
 # Two processes: the Pallas kernel tests (interpret mode, CUDA lowering) apart from the rest, so neither run's
 # compiled-program state grows into the other's.

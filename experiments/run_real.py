@@ -1,0 +1,294 @@
+"""The main job: compression policies against the full cache on a real pretrained model (SmolLM2-135M-Instruct).
+
+    python experiments/run_real.py --config experiments/smollm2_hybrid_8x.yaml [--out DIR] [--set key=value ...]
+        [--tiny]
+
+One run evaluates the baseline (the full cache) and every listed policy on identical prompts, from one forward
+pass per prompt batch (experiments/real_eval.py says exactly how): RULER scores per task in each mode
+(question-aware and/or question-agnostic), the KV bytes each cache holds and the measured compression ratio, the
+teacher-forced continuation of Shakespeare plays (NLL, perplexity ratio, top-1 agreement and KL against the full
+cache), and optionally TTFT / TPOT after warm-up. It writes DIR/results.json, DIR/report.md, DIR/accuracy.png and
+DIR/quality.png (accuracy and NLL against the measured ratio).
+
+Config fields (anything else is an error naming it):
+  policies        presets or preset@keep names (e.g. snapkv@0.125); baseline: the reference (default full)
+  dtype, kv_dtype model activations and cache dtype (default float32 with a bfloat16 cache: fastest on a CPU)
+  tasks, length   akv_jax.tasks.text task names and the prompt length in tokens on the model's tokenizer
+  samples, batch  prompts per task, and rows per forward pass
+  modes           [aware], [agnostic] or both
+  max_new_tokens  cap on each task's RULER allowance (answers stop earlier at the end of the turn)
+  plays, prefixes, continuation_tokens   continuation: plays, prefill lengths S, tokens teacher-forced after S
+  speed_batches, speed_length, decode_steps, reps   TTFT / TPOT (empty speed_batches: not measured)
+  seed, out
+Overrides apply in order: the YAML, then --tiny (a random 2-layer model with SmolLM2's tokenizer, 512-token
+prompts: the pipeline's smoke test), then each --set key=value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable, as `python -m` would
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import matplotlib  # noqa: E402
+import yaml  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from akv_jax import models  # noqa: E402
+from akv_jax.tasks import text  # noqa: E402
+from experiments import model_eval, real_eval, result_files  # noqa: E402
+from experiments.run_experiment import machine  # noqa: E402
+from experiments.run_proxy_experiment import apply_set  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RealConfig:
+  policies: tuple[str, ...]
+  baseline: str = "full"
+  dtype: str = "float32"
+  kv_dtype: str | None = "bfloat16"
+  tasks: tuple[str, ...] = tuple(text.TASK_NAMES)
+  length: int = 4096
+  samples: int = 2
+  batch: int = 4
+  modes: tuple[str, ...] = ("aware",)
+  max_new_tokens: int = 64
+  plays: tuple[str, ...] = ("hamlet",)
+  prefixes: tuple[int, ...] = (4096,)
+  continuation_tokens: int = 512
+  speed_batches: tuple[int, ...] = ()
+  speed_length: int = 4096
+  decode_steps: int = 16
+  reps: int = 2
+  seed: int = 0
+  tiny: bool = False
+  out: str = ""
+
+  def __post_init__(self):
+    if not self.policies:
+      raise ValueError("config field policies is empty: name at least one policy")
+    for name in (self.baseline, *self.policies):
+      try:
+        real_eval.resolve_policy(name)
+      except ValueError as e:
+        raise ValueError(f"config field policies/baseline: {e}") from None
+    for name in self.tasks:
+      text.get_task(name)
+    for mode in self.modes:
+      if mode not in real_eval.MODES:
+        raise ValueError(f"config field modes: {mode!r} is not one of {real_eval.MODES}")
+    for name in self.plays:
+      text.play_text(name)   # an unknown play raises, naming it and listing the others (the text is cached)
+    for field in ("length", "samples", "batch", "max_new_tokens", "continuation_tokens", "speed_length",
+                  "decode_steps", "reps"):
+      value = getattr(self, field)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"config field {field}={value!r} must be an int >= 1")
+    for field in ("prefixes", "speed_batches"):
+      if any(not isinstance(v, int) or v < 1 for v in getattr(self, field)):
+        raise ValueError(f"config field {field}={list(getattr(self, field))!r} must list ints >= 1")
+
+
+TINY = dict(tiny=True, length=512, samples=1, batch=2, tasks=["niah_single_noise", "niah_multikey"],
+            max_new_tokens=8, prefixes=[256], continuation_tokens=16, speed_batches=[1], speed_length=256,
+            decode_steps=3, reps=1)
+
+
+def load_config(path: str, *, sets: tuple[str, ...] = (), tiny: bool = False) -> RealConfig:
+  raw = yaml.safe_load(pathlib.Path(path).read_text()) or {}
+  if not isinstance(raw, dict):
+    raise ValueError(f"{path} must hold a mapping of config fields, got {type(raw).__name__}")
+  if tiny:
+    raw.update(TINY)
+  for assignment in sets:
+    apply_set(raw, assignment)
+  fields = {f.name for f in dataclasses.fields(RealConfig)}
+  unknown = sorted(set(raw) - fields)
+  if unknown:
+    raise ValueError(f"unknown config field(s) {unknown} in {path}; known: {sorted(fields)}")
+  if raw.get("policies") is None:
+    raise ValueError(f"{path} needs a 'policies' field listing policies to evaluate")
+  raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+  cfg = RealConfig(**raw)
+  out = cfg.out or f"out/{cfg.policies[0]}"
+  if tiny and not any(s.startswith("out=") for s in sets):
+    out += "-tiny"   # never overwrite a full run's results
+  return dataclasses.replace(cfg, out=out)
+
+
+def speed(model: real_eval.RealModel, policy, batches, length: int, decode_steps: int, reps: int) -> list[dict]:
+  """TTFT (a jitted prefill that compresses every layer) and TPOT (mean of decode_steps - 1 steps) per batch size,
+  after a warm-up call, on the first `length` tokens of Hamlet (real text, every row the same length)."""
+  rows = []
+  seq = real_eval.play_tokens(model, ["hamlet"], length)
+  for b in batches:
+    toks = jnp.broadcast_to(seq, (b, length))
+    lens = jnp.full((b,), length, jnp.int32)
+    prefill = lambda: models.prefill(model.config, model.params, toks, lens, policy,  # noqa: E731, B023
+                                     reserve=decode_steps)
+    jax.block_until_ready(prefill())
+    ttft = model_eval._median_ms(prefill, reps)
+    logits, cache = prefill()
+    tok = jnp.argmax(logits, -1).astype(jnp.int32)
+    logits, cache = models.decode_step(model.config, model.params, cache, tok, policy)     # warm-up (compiles)
+    jax.block_until_ready(logits)
+    t = time.perf_counter()
+    for _ in range(decode_steps - 1):
+      logits, cache = models.decode_step(model.config, model.params, cache,
+                                         jnp.argmax(logits, -1).astype(jnp.int32), policy)
+    jax.block_until_ready(logits)
+    tpot = 1e3 * (time.perf_counter() - t) / max(decode_steps - 1, 1)
+    rows.append(dict(batch=b, length=length, ttft_ms=round(ttft, 1), tpot_ms=round(tpot, 2),
+                     tokens_per_s=round(b / tpot * 1e3, 2)))
+    del cache
+  return rows
+
+
+def run(cfg: RealConfig, *, command: str = "", progress: bool = True) -> dict:
+  start = time.perf_counter()
+  max_len = max(cfg.length + cfg.max_new_tokens + 128, *(p + cfg.continuation_tokens for p in cfg.prefixes))
+  model = real_eval.load_smollm2(dtype=cfg.dtype, kv_dtype=cfg.kv_dtype)
+  if cfg.tiny:
+    model = real_eval.random_model(model)
+  if max_len > model.config.max_seq_len:
+    raise ValueError(f"length {cfg.length} / prefixes {list(cfg.prefixes)} need {max_len} positions; the model "
+                     f"has a context of {model.config.max_seq_len}")
+  names = [cfg.baseline] + [p for p in cfg.policies if p != cfg.baseline]
+  policies = [real_eval.resolve_policy(n) for n in names]
+  samples = real_eval.draw_samples(model, cfg.tasks, cfg.length, cfg.samples, cfg.seed)
+  tasks = {mode: real_eval.accuracy(model, policies, samples, mode=mode, batch=cfg.batch,
+                                    max_new_tokens=cfg.max_new_tokens, progress=progress) for mode in cfg.modes}
+  for entry in tasks.values():
+    base = entry["policies"][cfg.baseline]["accuracy"]
+    solved = [t for t in cfg.tasks if base[t] > 0]
+    entry["solved_by_baseline"] = solved
+    for pol in entry["policies"].values():
+      pol["retained"] = (round(sum(pol["accuracy"][t] for t in solved) / sum(base[t] for t in solved), 4)
+                         if solved else None)
+  cont = {str(p): real_eval.continuation(model, policies, cfg.plays, p, cfg.continuation_tokens, progress=progress)
+          for p in cfg.prefixes}
+  speeds = {n: speed(model, pol, cfg.speed_batches, cfg.speed_length, cfg.decode_steps, cfg.reps)
+            for n, pol in zip(names, policies)} if cfg.speed_batches else {}
+  c = model.config
+  results = dict(command=command, config=dataclasses.asdict(cfg), machine=machine(),
+                 model=dict(source=model.name, dtype=cfg.dtype, kv_dtype=cfg.kv_dtype, layers=c.num_layers,
+                            kv_heads=c.num_kv_heads, head_dim=c.hd,
+                            params=int(sum(x.size for x in jax.tree_util.tree_leaves(model.params)))),
+                 tasks=tasks, continuation=cont, speed=speeds, seconds=round(time.perf_counter() - start, 1))
+  out = pathlib.Path(cfg.out)
+  out.mkdir(parents=True, exist_ok=True)
+  result_files.write_json(out / "results.json", results)
+  (out / "report.md").write_text(report(results))
+  plots(results, out)
+  return results
+
+
+def report(results: dict) -> str:
+  cfg, m = results["config"], results["machine"]
+  lines = [f"# {', '.join(cfg['policies'])} vs {cfg['baseline']} on {results['model']['source']}", "",
+           f"Command: `{results['command']}`", "",
+           f"Model: {results['model']}; machine: {m['device_kind']} ({m['backend']}), {m['cpu_count']} cores, "
+           f"jax {m['jax']}; {results['seconds']} s in all.", ""]
+  for mode, entry in results["tasks"].items():
+    pols = entry["policies"]
+    names = list(next(iter(pols.values()))["accuracy"])
+    lines += [f"## Tasks, question-{mode}, {cfg['length']} tokens, {cfg['samples']} prompts per task", "",
+              f"Tasks the full cache solves at least once: {', '.join(entry['solved_by_baseline']) or 'none'}; "
+              "retained = the policy's summed score on them over the baseline's.", "",
+              "| policy | ratio | " + " | ".join(names) + " | retained |", "|---|---:|" + "---:|" * (len(names) + 1)]
+    for name, e in pols.items():
+      lines.append(f"| {name} | {e['compression_ratio']}x | " + " | ".join(f"{e['accuracy'][n]:.3f}" for n in names)
+                   + f" | {e['retained']} |")
+    lines.append("")
+  for prefix, entry in results["continuation"].items():
+    lines += [f"## Continuation: {entry['tokens']} tokens after {prefix} of {', '.join(entry['plays'])}", "",
+              "| policy | ratio | NLL | ppl | ppl ratio | NLL rise | top-1 agreement | KL |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, e in entry["policies"].items():
+      lines.append(f"| {name} | {e['compression_ratio']}x | {e['nll']} | {e['ppl']} | {e['ppl_ratio']} | "
+                   f"{100 * e['nll_rise']:.2f}% | {e['top1_agreement']} | {e['kl']} |")
+    lines.append("")
+  if results["speed"]:
+    lines += ["## Speed", "", "| policy | batch | length | TTFT ms | TPOT ms | tokens/s |", "|---|---:|---:|---:|---:|---:|"]
+    for name, rows in results["speed"].items():
+      for r in rows:
+        lines.append(f"| {name} | {r['batch']} | {r['length']} | {r['ttft_ms']} | {r['tpot_ms']} | "
+                     f"{r['tokens_per_s']} |")
+  return "\n".join(lines) + "\n"
+
+
+def plots(results: dict, out: pathlib.Path) -> None:
+  """accuracy.png: per-task scores per policy and mode; quality.png: accuracy and NLL against the measured ratio."""
+  modes = list(results["tasks"])
+  if modes:
+    fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 3.6), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+      pols = results["tasks"][mode]["policies"]
+      names = list(next(iter(pols.values()))["accuracy"])
+      width = 0.8 / len(pols)
+      for i, (pname, e) in enumerate(pols.items()):
+        ax.bar([j + i * width for j in range(len(names))], [e["accuracy"][n] for n in names], width,
+               label=f"{pname} ({e['compression_ratio']}x)")
+      ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=35, ha="right", fontsize=7)
+      ax.set_title(f"question-{mode}")
+      ax.set_ylim(0, 1.05)
+      ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=120)
+    plt.close(fig)
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  for mode in modes:
+    pols = results["tasks"][mode]["policies"]
+    xs = [e["compression_ratio"] for e in pols.values()]
+    axes[0].scatter(xs, [e["accuracy"]["average"] for e in pols.values()], label=f"question-{mode}")
+    for x, (name, e) in zip(xs, pols.items()):
+      axes[0].annotate(name, (x, e["accuracy"]["average"]), fontsize=6)
+  axes[0].set_xlabel("measured compression ratio")
+  axes[0].set_ylabel("average task score")
+  axes[0].legend(fontsize=7)
+  for prefix, entry in results["continuation"].items():
+    pols = entry["policies"]
+    xs = [e["compression_ratio"] for e in pols.values()]
+    axes[1].scatter(xs, [e["nll"] for e in pols.values()], label=f"S = {prefix}")
+    for x, (name, e) in zip(xs, pols.items()):
+      axes[1].annotate(name, (x, e["nll"]), fontsize=6)
+  axes[1].set_xlabel("measured compression ratio")
+  axes[1].set_ylabel("continuation NLL per token")
+  axes[1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(out / "quality.png", dpi=120)
+  plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  argv = sys.argv[1:] if argv is None else argv
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", required=True, help="YAML config, e.g. experiments/smollm2_hybrid_8x.yaml")
+  parser.add_argument("--out", default=None, help="output directory (overrides the config's out)")
+  parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config field (repeatable)")
+  parser.add_argument("--tiny", action="store_true", help="smoke run: random 2-layer model, 512-token prompts")
+  parser.add_argument("--no_progress", action="store_true")
+  args = parser.parse_args(argv)
+  sets = tuple(args.sets) + ((f"out={args.out}",) if args.out else ())
+  try:
+    cfg = load_config(args.config, sets=sets, tiny=args.tiny)
+    results = run(cfg, command=" ".join(["python experiments/run_real.py", *argv]), progress=not args.no_progress)
+  except (ValueError, OSError) as e:
+    raise SystemExit(f"error: {e}") from e
+  print(report(results))
+  print(f"wrote {cfg.out}/results.json, report.md, accuracy.png, quality.png")
+  return results
+
+
+if __name__ == "__main__":
+  main()
