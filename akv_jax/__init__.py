@@ -18,6 +18,7 @@ Typical use:
 
 from akv_jax import metrics as metrics
 from akv_jax import presets as presets
+from akv_jax import ratios as ratios
 from akv_jax import selection as selection
 from akv_jax.attention import attend as attend
 from akv_jax.attention import dense_attention as dense_attention

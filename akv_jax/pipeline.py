@@ -82,7 +82,9 @@ def _select(policy: Policy, lay: Layout, kv: DenseKV, scores, ws):
   n = min(n, s)
   if scores is None or n == 0:
     idx = jnp.broadcast_to(z + jnp.arange(n, dtype=jnp.int32), (b, kh, n))
-    return idx, jnp.minimum(avail, n) * jnp.ones((b, kh), jnp.int32), None
+    # A paged layout with no room for selected tokens (keep at the guard bands' floor) owns no budget pages.
+    budget = jnp.zeros((b, kh), jnp.int32) if lay.paged else None
+    return idx, jnp.minimum(avail, n) * jnp.ones((b, kh), jnp.int32), budget
   pos = jnp.arange(s)[None, None, :]
   cand = (pos >= z) & (pos < ws[:, None, None])
   masked = jnp.where(cand, scores, _NEG)

@@ -221,6 +221,9 @@ class Policy:
       cap_pages = min(max(budget_pages, -(-int(self.adakv_cap * selected) // unit)),
                       _round_up(candidates, unit) // unit)
       max_pages = max(cap_pages, budget_pages) + reserve_pages
+      if max_pages == 0:
+        raise ValueError(f"keep={self.keep} leaves budget='adakv' no body page at S={s} (layer {layer}) and "
+                         "reserve=0: raise keep above the guard bands, or reserve decode room")
       return Layout(z, recent, flush, recent + flush, selected, max_pages * unit, key_spec, value_spec,
                     True, page_size, max_pages, budget_pages, reserve_pages)
     return Layout(z, recent, flush, recent + flush, selected, body, key_spec, value_spec, False, 1, 0, 0, 0)

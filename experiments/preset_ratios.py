@@ -13,21 +13,7 @@ import argparse
 import json
 import pathlib
 
-import jax
-import jax.numpy as jnp
-
 import akv_jax as akv
-
-
-def held_bytes(policy: akv.Policy, s: int, *, layers: int, kv_heads: int, q_heads: int, head_dim: int,
-               window: int = 32) -> int:
-  kv = akv.DenseKV(k=jax.ShapeDtypeStruct((1, kv_heads, s, head_dim), jnp.bfloat16),
-                   v=jax.ShapeDtypeStruct((1, kv_heads, s, head_dim), jnp.bfloat16),
-                   lengths=jax.ShapeDtypeStruct((1,), jnp.int32))
-  q = jax.ShapeDtypeStruct((1, q_heads, window, head_dim), jnp.bfloat16)
-  return sum(akv.nbytes(jax.eval_shape(
-      lambda kv, q, layer=layer: akv.compress(kv, policy, queries=q, layer=layer, num_layers=layers), kv, q))
-             for layer in range(layers))
 
 
 def main() -> None:
@@ -44,7 +30,8 @@ def main() -> None:
     rows[name] = {}
     for s in lengths:
       dense = 2 * 2 * shape["kv_heads"] * s * shape["head_dim"] * args.layers
-      held = held_bytes(pol, s, **shape)
+      held = akv.ratios.held_bytes(pol, akv.ratios.CacheShape(s=s, num_layers=args.layers, kv_heads=8,
+                                                              head_dim=128, q_heads=32))
       rows[name][str(s)] = {"held_bytes": held, "dense_bf16_bytes": dense, "ratio": dense / held}
   result = {"command": "python experiments/preset_ratios.py", "shape": shape, "batch": 1, "ratios": rows}
   out = pathlib.Path(args.out)

@@ -21,6 +21,7 @@ identical inputs, and every policy of a run is scored from the same forward pass
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import Callable, Sequence
 
@@ -30,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 import akv_jax as akv
-from akv_jax import models
+from akv_jax import models, ratios
 from akv_jax.tasks import text
 
 MODES = ("aware", "agnostic")
@@ -79,19 +80,46 @@ def random_model(base: RealModel, *, layers: int = 2, hidden: int = 64, seed: in
                              params=models.init_params(config, jax.random.key(seed)))
 
 
-def resolve_policy(name: str) -> akv.Policy:
-  """A preset by name, or `preset@keep` (e.g. snapkv@0.125): the preset with another keep fraction."""
-  if "@" not in name:
-    return akv.presets.get(name)
-  base, _, keep = name.partition("@")
-  try:
-    frac = float(keep)
-  except ValueError:
-    raise ValueError(f"policy {name!r}: keep {keep!r} is not a number (write e.g. snapkv@0.25)") from None
+_NAMED_RATIO = re.compile(r"_(\d+(?:\.\d+)?)x$")
+
+
+def resolve_policy(name: str, shape: ratios.CacheShape | None = None, *, fit_named: bool = False) -> akv.Policy:
+  """A policy from its name.
+
+    preset          the preset as defined (akv.presets); with fit_named, a preset named for a ratio (hybrid_8x)
+                    has its keep fitted so that it measures that ratio on `shape`
+    preset@0.25     the preset with keep 0.25
+    preset@8x       the preset with its keep fitted to measure 8x on `shape` (akv.ratios.fit_keep)
+  """
+  base, _, arg = name.partition("@")
   pol = akv.presets.get(base)
-  if pol.selection == "none":
-    raise ValueError(f"policy {name!r}: {base!r} selects no tokens, so it has no keep fraction")
-  return dataclasses.replace(pol, keep=frac, name=name)
+  named = _NAMED_RATIO.search(base)
+  target = None
+  if arg.endswith("x"):
+    try:
+      target = float(arg[:-1])
+    except ValueError:
+      raise ValueError(f"policy {name!r}: {arg!r} is not a ratio (write e.g. snapkv@8x)") from None
+  elif arg:
+    try:
+      keep = float(arg)
+    except ValueError:
+      raise ValueError(f"policy {name!r}: keep {arg!r} is not a number (write e.g. snapkv@0.25)") from None
+    if pol.selection == "none":
+      raise ValueError(f"policy {name!r}: {base!r} selects no tokens, so it has no keep fraction")
+    return dataclasses.replace(pol, keep=keep, name=name)
+  elif fit_named and named and pol.selection != "none":
+    target = float(named.group(1))
+  if target is None:
+    return pol
+  if shape is None:
+    raise ValueError(f"policy {name!r}: fitting a ratio needs the model's cache shape")
+  return dataclasses.replace(ratios.fit_keep(pol, target, shape), name=name)
+
+
+def cache_shape(model: RealModel, s: int) -> ratios.CacheShape:
+  c = model.config
+  return ratios.CacheShape(s=s, num_layers=c.num_layers, kv_heads=c.num_kv_heads, head_dim=c.hd, q_heads=c.num_heads)
 
 
 def draw_samples(model: RealModel, task_names: Sequence[str], length: int, samples: int,

@@ -11,7 +11,10 @@ cache), and optionally TTFT / TPOT after warm-up. It writes DIR/results.json, DI
 DIR/quality.png (accuracy and NLL against the measured ratio).
 
 Config fields (anything else is an error naming it):
-  policies        presets or preset@keep names (e.g. snapkv@0.125); baseline: the reference (default full)
+  policies        presets, preset@keep (snapkv@0.125) or preset@ratio (snapkv@8x: keep fitted to measure 8x on this
+                  model at `length`); baseline: the reference (default full)
+  fit_named       fit the keep of presets named for a ratio (hybrid_8x) to measure it on this model at `length`
+                  (akv_jax.ratios.fit_keep); false: the presets as defined
   dtype, kv_dtype model activations and cache dtype (default float32 with a bfloat16 cache: fastest on a CPU)
   tasks, length   akv_jax.tasks.text task names and the prompt length in tokens on the model's tokenizer
   samples, batch  prompts per task, and rows per forward pass
@@ -43,6 +46,7 @@ import yaml  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import akv_jax as akv  # noqa: E402
 from akv_jax import models  # noqa: E402
 from akv_jax.tasks import text  # noqa: E402
 from experiments import model_eval, real_eval, result_files  # noqa: E402
@@ -54,6 +58,7 @@ from experiments.run_proxy_experiment import apply_set  # noqa: E402
 class RealConfig:
   policies: tuple[str, ...]
   baseline: str = "full"
+  fit_named: bool = True
   dtype: str = "float32"
   kv_dtype: str | None = "bfloat16"
   tasks: tuple[str, ...] = tuple(text.TASK_NAMES)
@@ -77,8 +82,10 @@ class RealConfig:
     if not self.policies:
       raise ValueError("config field policies is empty: name at least one policy")
     for name in (self.baseline, *self.policies):
-      try:
-        real_eval.resolve_policy(name)
+      try:   # names only: fitting waits for the model's shape
+        akv.presets.get(name.partition("@")[0])
+        if "@" in name and not name.endswith("x"):
+          real_eval.resolve_policy(name)
       except ValueError as e:
         raise ValueError(f"config field policies/baseline: {e}") from None
     for name in self.tasks:
@@ -163,7 +170,8 @@ def run(cfg: RealConfig, *, command: str = "", progress: bool = True) -> dict:
     raise ValueError(f"length {cfg.length} / prefixes {list(cfg.prefixes)} need {max_len} positions; the model "
                      f"has a context of {model.config.max_seq_len}")
   names = [cfg.baseline] + [p for p in cfg.policies if p != cfg.baseline]
-  policies = [real_eval.resolve_policy(n) for n in names]
+  shape = real_eval.cache_shape(model, cfg.length)
+  policies = [real_eval.resolve_policy(n, shape, fit_named=cfg.fit_named) for n in names]
   samples = real_eval.draw_samples(model, cfg.tasks, cfg.length, cfg.samples, cfg.seed)
   tasks = {mode: real_eval.accuracy(model, policies, samples, mode=mode, batch=cfg.batch,
                                     max_new_tokens=cfg.max_new_tokens, progress=progress) for mode in cfg.modes}
@@ -183,6 +191,7 @@ def run(cfg: RealConfig, *, command: str = "", progress: bool = True) -> dict:
                  model=dict(source=model.name, dtype=cfg.dtype, kv_dtype=cfg.kv_dtype, layers=c.num_layers,
                             kv_heads=c.num_kv_heads, head_dim=c.hd,
                             params=int(sum(x.size for x in jax.tree_util.tree_leaves(model.params)))),
+                 policies={p.name: dataclasses.asdict(p) for p in policies},
                  tasks=tasks, continuation=cont, speed=speeds, seconds=round(time.perf_counter() - start, 1))
   out = pathlib.Path(cfg.out)
   out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,7 @@
-"""Presets: each N-x preset measures 0.97N..1.15N from the arrays it holds, at S = 8192 and 32768."""
+"""Presets: each N-x preset measures 0.97N..1.15N from the arrays it holds, at S = 8192 and 32768; fitted to
+another model's shape (akv.ratios), a preset measures its target there."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -12,13 +15,8 @@ L, B, K, N, H, W = 32, 1, 8, 32, 128, 32
 
 def _held_bytes(policy, s):
   """Bytes every layer's cache holds, from the shapes compress produces (exact: all storage is static-shaped)."""
-  kv = akv.DenseKV(k=jax.ShapeDtypeStruct((B, K, s, H), jnp.bfloat16),
-                   v=jax.ShapeDtypeStruct((B, K, s, H), jnp.bfloat16),
-                   lengths=jax.ShapeDtypeStruct((B,), jnp.int32))
-  q = jax.ShapeDtypeStruct((B, N, W, H), jnp.bfloat16)
-  return sum(akv.nbytes(jax.eval_shape(
-      lambda kv, q, layer=layer: akv.compress(kv, policy, queries=q, layer=layer, num_layers=L), kv, q))
-             for layer in range(L))
+  return akv.ratios.held_bytes(policy, akv.ratios.CacheShape(s=s, num_layers=L, kv_heads=K, head_dim=H, q_heads=N,
+                                                              batch=B), window=W)
 
 
 def test_shape_bytes_equal_held_bytes():
@@ -49,3 +47,41 @@ def test_every_preset_is_a_hashable_policy():
 def test_unknown_preset():
   with pytest.raises(ValueError, match="unknown preset 'hybrid_9x'"):
     akv.presets.get("hybrid_9x")
+
+
+SMOLLM2 = akv.ratios.CacheShape(s=4096, num_layers=30, kv_heads=3, head_dim=64, q_heads=9)
+
+
+@pytest.mark.parametrize("name, target", [("snapkv", 8), ("adakv", 8), ("streaming", 5), ("hybrid_12x", 12),
+                                          ("h2o", 6)])
+def test_fit_keep_reaches_the_target_on_another_model(name, target):
+  """The presets are calibrated on H = 128 and S >= 8k; fitted to SmolLM2's shape their measured ratio is the
+  target, from above (the fitted policy never holds more than the target allows)."""
+  pol = akv.ratios.fit_keep(akv.presets.get(name), target, SMOLLM2)
+  ratio = akv.ratios.measured_ratio(pol, SMOLLM2)
+  assert target <= ratio <= 1.02 * target, f"{name}: {ratio:.3f}x at keep={pol.keep}"
+  assert pol.name == name and pol.selection == akv.presets.get(name).selection
+
+
+def test_fit_keep_errors():
+  with pytest.raises(ValueError, match=r"'kivi2' keeps every token, so keep cannot be fitted; its ratio on this "
+                                       r"shape is 4\.21x"):
+    akv.ratios.fit_keep(akv.presets.get("kivi2"), 8, SMOLLM2)
+  with pytest.raises(ValueError, match=r"'snapkv' reaches at most \d+\.\d+x .* short of the target 500x"):
+    akv.ratios.fit_keep(akv.presets.get("snapkv"), 500, SMOLLM2)
+  with pytest.raises(ValueError, match="target=0 must be > 0"):
+    akv.ratios.fit_keep(akv.presets.get("snapkv"), 0, SMOLLM2)
+  with pytest.raises(ValueError, match="kv_heads=0 must be >= 1"):
+    akv.ratios.CacheShape(s=16, num_layers=1, kv_heads=0, head_dim=8)
+
+
+def test_adakv_with_no_body_page():
+  """At the guard bands' floor AdaKV selects nothing: with decode room it still compresses (its pages are the
+  reserve), without any it is a clear error, not a crash."""
+  pol = dataclasses.replace(akv.presets.get("adakv"), keep=36 / 512)
+  kv = random_kv(0, b=1, k=2, s=512, h=32)
+  q = random_queries(1, b=1, n=4, t=32, h=32)
+  ckv = akv.compress(kv, pol, queries=q, reserve=16)
+  assert int(ckv.key_fill.sum()) == 0 and ckv.body_capacity == 16
+  with pytest.raises(ValueError, match=r"leaves budget='adakv' no body page at S=512 \(layer 0\) and reserve=0"):
+    akv.compress(kv, pol, queries=q)

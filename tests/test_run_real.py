@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+import akv_jax as akv
 from akv_jax import models
 from experiments import real_eval, run_real
 
@@ -60,14 +61,25 @@ def test_full_cache_answers_the_same_in_both_modes():
 def test_resolve_policy():
   pol = real_eval.resolve_policy("snapkv@0.125")
   assert pol.keep == 0.125 and pol.name == "snapkv@0.125" and pol.selection == "snapkv"
-  with pytest.raises(ValueError, match=r"keep 'x' is not a number"):
-    real_eval.resolve_policy("snapkv@x")
+  with pytest.raises(ValueError, match=r"keep 'abc' is not a number"):
+    real_eval.resolve_policy("snapkv@abc")
   with pytest.raises(ValueError, match=r"'full' selects no tokens"):
     real_eval.resolve_policy("full@0.5")
   with pytest.raises(ValueError, match="unknown preset 'nope'"):
     real_eval.resolve_policy("nope")
   with pytest.raises(ValueError, match=r"keep=1.5 must be in \(0, 1\]"):
     real_eval.resolve_policy("snapkv@1.5")
+  shape = akv.ratios.CacheShape(s=2048, num_layers=4, kv_heads=3, head_dim=64, q_heads=9)
+  fitted = real_eval.resolve_policy("snapkv@6x", shape)
+  assert fitted.name == "snapkv@6x" and 6 <= akv.ratios.measured_ratio(fitted, shape) <= 6.1
+  named = real_eval.resolve_policy("hybrid_12x", shape, fit_named=True)
+  assert named.name == "hybrid_12x" and 12 <= akv.ratios.measured_ratio(named, shape) <= 12.5
+  assert real_eval.resolve_policy("hybrid_12x", shape) == akv.presets.get("hybrid_12x")
+  assert real_eval.resolve_policy("kivi2", shape, fit_named=True) == akv.presets.get("kivi2")
+  with pytest.raises(ValueError, match=r"'ax' is not a ratio"):
+    real_eval.resolve_policy("snapkv@ax", shape)
+  with pytest.raises(ValueError, match="fitting a ratio needs the model's cache shape"):
+    real_eval.resolve_policy("snapkv@8x")
 
 
 @pytest.mark.parametrize("sets, match", [

@@ -1,0 +1,115 @@
+"""Measured compression ratios of a policy on a model's cache shape, and a policy's keep fitted to a target ratio.
+
+A preset's name promises a ratio (hybrid_8x: 8x), but what a policy holds depends on the model: the bf16 sinks and
+recent window, the scales of every quantization group and the page rounding cost the same per head whatever S,
+and weigh more on a small head dim or a short context. So a name calibrated on one shape (presets.py: H = 128,
+32 layers, S >= 8k) does not hold on another (SmolLM2: H = 64, 30 layers, S = 4k gives hybrid_8x 6.6x).
+`fit_keep` keeps the policy's recipe (selection, budget rule, bits, guard bands) and solves for the keep fraction
+whose held bytes give the target ratio on the given shape.
+
+Bytes are those of the arrays compress returns: storage is static-shaped, so `jax.eval_shape` of compress gives
+exactly the arrays a real run holds (tests/test_presets.py checks this against materialized caches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from akv_jax.cache import DenseKV, nbytes
+from akv_jax.pipeline import compress
+from akv_jax.policy import Policy
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CacheShape:
+  """The shape of one model's KV cache at one context length: what a compression ratio is measured on."""
+
+  s: int                 # S, tokens per row
+  num_layers: int
+  kv_heads: int          # K
+  head_dim: int          # H
+  q_heads: int | None = None   # N (default K): observation queries, shape only
+  batch: int = 1
+
+  def __post_init__(self):
+    for field in ("s", "num_layers", "kv_heads", "head_dim", "batch"):
+      if getattr(self, field) < 1:
+        raise ValueError(f"{field}={getattr(self, field)} must be >= 1")
+
+  def dense_bf16_bytes(self) -> int:
+    return 2 * 2 * self.batch * self.num_layers * self.kv_heads * self.s * self.head_dim
+
+
+def held_bytes(policy: Policy, shape: CacheShape, *, reserve: int = 0, window: int = 32) -> int:
+  """Bytes every layer's compressed prefill cache holds for bf16 K/V of `shape` (reserve: decode room)."""
+  b, kh, s, h = shape.batch, shape.kv_heads, shape.s, shape.head_dim
+  kv = DenseKV(k=jax.ShapeDtypeStruct((b, kh, s, h), jnp.bfloat16), v=jax.ShapeDtypeStruct((b, kh, s, h), jnp.bfloat16),
+               lengths=jax.ShapeDtypeStruct((b,), jnp.int32))
+  q = jax.ShapeDtypeStruct((b, shape.q_heads or kh, min(window, s), h), jnp.bfloat16)
+  needs_q = policy.selection in ("snapkv", "h2o", "tova")
+  return sum(nbytes(jax.eval_shape(
+      lambda kv, q, layer=layer: compress(kv, policy, queries=q if needs_q else None, layer=layer,
+                                          num_layers=shape.num_layers, reserve=reserve), kv, q))
+             for layer in range(shape.num_layers))
+
+
+def measured_ratio(policy: Policy, shape: CacheShape) -> float:
+  """Dense bf16 bytes of `shape` over the bytes the policy's cache holds."""
+  return shape.dense_bf16_bytes() / held_bytes(policy, shape)
+
+
+def _smallest_keep(policy: Policy, s: int) -> float:
+  """The least keep whose budget still covers the sinks and the recent window (Policy.layout's floor)."""
+  floor = policy.n_sink + policy.recent_tokens(s) + (1 if policy.selection == "streaming" else 0)
+  if policy.budget == "adakv":   # a page pool needs at least one page of selected tokens
+    flush = policy.key_group if policy.key_bits is not None and policy.key_axis == "channel" else 1
+    floor += flush * -(-16 // flush)
+  return min(1.0, max(floor, 1) / s)
+
+
+def fit_keep(policy: Policy, target: float, shape: CacheShape, *, tol: float = 0.005,
+             iterations: int = 30) -> Policy:
+  """The policy with the keep fraction whose measured ratio on `shape` is `target` (within tol, relatively).
+
+  The ratio falls as keep grows, in steps (budgets are whole tokens, rounded to key groups and pages), so this
+  bisects keep until the measured ratio is in [target, target * (1 + tol)] (or the steps allow no closer): the
+  fitted policy never holds more than the target allows. The name is kept: the fitted policy is the named recipe
+  at its named ratio.
+
+  Raises:
+    ValueError: the policy selects nothing (no keep to fit), or no keep reaches the target (the guard bands and
+      bits alone hold more than target allows), naming the ratio it can reach.
+  """
+  if policy.selection == "none":
+    raise ValueError(f"policy {policy.name!r} keeps every token, so keep cannot be fitted; its ratio on this "
+                     f"shape is {measured_ratio(policy, shape):.2f}x")
+  if target <= 0:
+    raise ValueError(f"target={target} must be > 0")
+  ratio = lambda keep: measured_ratio(dataclasses.replace(policy, keep=keep), shape)  # noqa: E731
+  lo = _smallest_keep(policy, shape.s)
+  best = ratio(lo)
+  if best < target * (1 - tol):
+    raise ValueError(f"policy {policy.name!r} reaches at most {best:.2f}x on {shape} (keep={lo:.4f}), short of "
+                     f"the target {target}x: its guard bands and bits hold too much for this shape")
+  if best <= target * (1 + tol):
+    return dataclasses.replace(policy, keep=lo)
+  hi = 1.0
+  if ratio(hi) >= target:
+    return dataclasses.replace(policy, keep=hi)
+  # Invariant: ratio(lo) >= target > ratio(hi). Stop once ratio(lo) is within tol above the target.
+  for _ in range(iterations):
+    mid = math.floor((lo + hi) / 2 * 1e6) / 1e6
+    if mid in (lo, hi):
+      break
+    r = ratio(mid)
+    if r >= target:
+      lo = mid
+      if r <= target * (1 + tol):
+        break
+    else:
+      hi = mid
+  return dataclasses.replace(policy, keep=lo)
