@@ -105,7 +105,7 @@ class RealConfig:
         raise ValueError(f"config field {field}={list(getattr(self, field))!r} must list ints >= 1")
 
 
-TINY = dict(tiny=True, length=512, samples=1, batch=2, tasks=["niah_single_noise", "niah_multikey"],
+TINY = dict(tiny=True, fit_named=False, length=512, samples=1, batch=2, tasks=["niah_single_noise", "niah_multikey"],
             max_new_tokens=8, prefixes=[256], continuation_tokens=16, speed_batches=[1], speed_length=256,
             decode_steps=3, reps=1)
 
@@ -173,37 +173,49 @@ def run(cfg: RealConfig, *, command: str = "", progress: bool = True) -> dict:
   shape = real_eval.cache_shape(model, cfg.length)
   policies = [real_eval.resolve_policy(n, shape, fit_named=cfg.fit_named) for n in names]
   samples = real_eval.draw_samples(model, cfg.tasks, cfg.length, cfg.samples, cfg.seed)
-  tasks = {mode: real_eval.accuracy(model, policies, samples, mode=mode, batch=cfg.batch,
-                                    max_new_tokens=cfg.max_new_tokens, progress=progress) for mode in cfg.modes}
-  for entry in tasks.values():
+  c = model.config
+  results = dict(command=command, config=dataclasses.asdict(cfg), machine=machine(),
+                 model=dict(source=model.name, dtype=cfg.dtype, kv_dtype=cfg.kv_dtype, layers=c.num_layers,
+                            kv_heads=c.num_kv_heads, head_dim=c.hd,
+                            params=int(sum(x.size for x in jax.tree_util.tree_leaves(model.params)))),
+                 policies={p.name: dataclasses.asdict(p) for p in policies}, tasks={}, continuation={}, speed={},
+                 complete=False, seconds=None)
+  out = pathlib.Path(cfg.out)
+
+  def save(final: bool = False):
+    # Written after every stage, so a long run that is cut keeps what it finished (complete says which it is).
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    results["complete"] = final
+    out.mkdir(parents=True, exist_ok=True)
+    result_files.write_json(out / "results.json", results)
+    (out / "report.md").write_text(report(results))
+
+  for mode in cfg.modes:
+    entry = real_eval.accuracy(model, policies, samples, mode=mode, batch=cfg.batch,
+                               max_new_tokens=cfg.max_new_tokens, progress=progress)
     base = entry["policies"][cfg.baseline]["accuracy"]
     solved = [t for t in cfg.tasks if base[t] > 0]
     entry["solved_by_baseline"] = solved
     for pol in entry["policies"].values():
       pol["retained"] = (round(sum(pol["accuracy"][t] for t in solved) / sum(base[t] for t in solved), 4)
                          if solved else None)
-  cont = {str(p): real_eval.continuation(model, policies, cfg.plays, p, cfg.continuation_tokens, progress=progress)
-          for p in cfg.prefixes}
-  speeds = {n: speed(model, pol, cfg.speed_batches, cfg.speed_length, cfg.decode_steps, cfg.reps)
-            for n, pol in zip(names, policies)} if cfg.speed_batches else {}
-  c = model.config
-  results = dict(command=command, config=dataclasses.asdict(cfg), machine=machine(),
-                 model=dict(source=model.name, dtype=cfg.dtype, kv_dtype=cfg.kv_dtype, layers=c.num_layers,
-                            kv_heads=c.num_kv_heads, head_dim=c.hd,
-                            params=int(sum(x.size for x in jax.tree_util.tree_leaves(model.params)))),
-                 policies={p.name: dataclasses.asdict(p) for p in policies},
-                 tasks=tasks, continuation=cont, speed=speeds, seconds=round(time.perf_counter() - start, 1))
-  out = pathlib.Path(cfg.out)
-  out.mkdir(parents=True, exist_ok=True)
-  result_files.write_json(out / "results.json", results)
-  (out / "report.md").write_text(report(results))
+    results["tasks"][mode] = entry
+    save()
+  for prefix in cfg.prefixes:
+    results["continuation"][str(prefix)] = real_eval.continuation(model, policies, cfg.plays, prefix,
+                                                                  cfg.continuation_tokens, progress=progress)
+    save()
+  for name, pol in zip(names, policies) if cfg.speed_batches else ():
+    results["speed"][name] = speed(model, pol, cfg.speed_batches, cfg.speed_length, cfg.decode_steps, cfg.reps)
+  save(final=True)
   plots(results, out)
   return results
 
 
 def report(results: dict) -> str:
   cfg, m = results["config"], results["machine"]
-  lines = [f"# {', '.join(cfg['policies'])} vs {cfg['baseline']} on {results['model']['source']}", "",
+  lines = [f"# {', '.join(cfg['policies'])} vs {cfg['baseline']} on {results['model']['source']}"
+           + ("" if results["complete"] else " (incomplete: the run was cut)"), "",
            f"Command: `{results['command']}`", "",
            f"Model: {results['model']}; machine: {m['device_kind']} ({m['backend']}), {m['cpu_count']} cores, "
            f"jax {m['jax']}; {results['seconds']} s in all.", ""]
