@@ -252,35 +252,46 @@ def _prefill_attention(config: LlamaConfig, implementation: str | None, interpre
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy", "reserve", "implementation", "interpret"))
-def _prefill(config: LlamaConfig, params, tokens, lengths, policy: Policy | tuple[Policy, ...], reserve: int,
+def _prefill(config: LlamaConfig, params, tokens, lengths, policy: Policy, reserve: int,
              implementation: str | None = None, interpret: bool = False):
-  """One pass over the prompt; each layer's K/V compressed by `policy`, or by each of a tuple of policies (then the
-  cache is a tuple of caches, one per policy: the forward pass is the same for all, only compress differs)."""
   model = Llama(config)
   b, s = tokens.shape
   lengths = jnp.asarray(lengths, jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  many = isinstance(policy, tuple)
-  policies = policy if many else (policy,)
-  # Kernel votes are one policy's statistics; several policies read their own observation queries instead.
-  causal_attn = _causal_attn if many else _prefill_attention(config, implementation, interpret, policy)
+  n_obs = _observation_length(policy, s)
+  causal_attn = _prefill_attention(config, implementation, interpret, policy)
 
   def attn(layer, q, k, v):
     o, votes = causal_attn(layer, q, k, v, lengths)
     kv = DenseKV(k=k.transpose(0, 2, 1, 3), v=v.transpose(0, 2, 1, 3), lengths=lengths)
-    caches = []
-    for pol in policies:
-      n_obs = _observation_length(pol, s)
-      q_obs = None if n_obs is None or votes is not None else _last_queries(q, lengths, min(n_obs, s))
-      caches.append(akv.compress(kv, pol, queries=q_obs, votes=votes, layer=layer, num_layers=config.num_layers,
-                                 reserve=reserve))
-    return o, tuple(caches) if many else caches[0]
+    q_obs = None if n_obs is None or votes is not None else _last_queries(q, lengths, min(n_obs, s))
+    ckv = akv.compress(kv, policy, queries=q_obs, votes=votes, layer=layer, num_layers=config.num_layers,
+                       reserve=reserve)
+    return o, ckv
 
   hidden, cache = model.apply({"params": params}, tokens, positions, attn)
-  if many:   # per layer a tuple over policies -> per policy a tuple over layers
-    cache = tuple(tuple(layer[i] for layer in cache) for i in range(len(policies)))
   last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
   return model.apply({"params": params}, last, method=Llama.logits), cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "window", "h2o"))
+def _capture_for_compress(config: LlamaConfig, params, tokens, lengths, window: int, h2o: bool):
+  """One prompt pass keeping, per layer, what compress reads: the DenseKV, the last `window` queries and (h2o)
+  the H2O votes of all prompt queries, computed here as compress would compute them from the queries."""
+  model = Llama(config)
+  b, s = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+
+  def attn(layer, q, k, v):
+    o, _ = _causal_attn(layer, q, k, v, lengths)
+    kv = DenseKV(k=k.transpose(0, 2, 1, 3), v=v.transpose(0, 2, 1, 3), lengths=lengths)
+    q_obs = _last_queries(q, lengths, min(window, s)) if window else None
+    votes = akv.selection.h2o_scores(_last_queries(q, lengths, s), kv) if h2o else None
+    return o, (kv, q_obs, votes)
+
+  hidden, per_layer = model.apply({"params": params}, tokens, positions, attn)
+  last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+  return model.apply({"params": params}, last, method=Llama.logits), per_layer
 
 
 def prefill(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array, policy: Policy, *,
@@ -313,8 +324,10 @@ def prefill_many(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Ar
   """`prefill` for several policies from one forward pass: each layer's K/V is compressed by every policy.
 
   Question-aware compression reads only the prompt, so the pass is the same for all policies; an evaluation of
-  many policies on one prompt pays for it once. Prefill attention is the XLA path (kernel votes belong to one
-  policy).
+  many policies on one prompt pays for it once. The pass keeps every layer's dense K/V and observation queries,
+  and each policy's compress runs after it, compiled once per (policy, layer layout) and reused across batches
+  (one program holding every policy's compress of every layer would take far longer to compile). Prefill
+  attention is the XLA path.
 
   Returns:
     (logits f32[B, V] of each row's last prompt token, one cache per policy, in the order given).
@@ -323,7 +336,25 @@ def prefill_many(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Ar
     raise ValueError(f"policies must be a non-empty tuple of Policy, got {policies!r}")
   _check_tokens(config, tokens, lengths)
   _check_capacity(config, tokens.shape[1], reserve)
-  return _prefill(config, params, tokens, lengths, policies, reserve)
+  s = tokens.shape[1]
+  window = max((n for n in (_observation_length(p, s) for p in policies if p.selection != "h2o") if n), default=0)
+  h2o = any(p.selection == "h2o" for p in policies)
+  lengths = jnp.asarray(lengths, jnp.int32)
+  logits, per_layer = _capture_for_compress(config, params, tokens, lengths, window, h2o)
+  caches = []
+  for pol in policies:
+    n_obs = _observation_length(pol, s)
+    layers = []
+    for layer, (kv, q_obs, votes) in enumerate(per_layer):
+      if pol.selection == "h2o":
+        obs = dict(votes=votes)
+      elif n_obs is None:
+        obs = {}
+      else:
+        obs = dict(queries=q_obs[:, :, q_obs.shape[2] - min(n_obs, s):])
+      layers.append(akv.compress(kv, pol, layer=layer, num_layers=config.num_layers, reserve=reserve, **obs))
+    caches.append(tuple(layers))
+  return logits, tuple(caches)
 
 
 def _decode(config: LlamaConfig, params, cache, tokens, policy: Policy, implementation: str | None = None,
