@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import pathlib
 import sys
 import time
@@ -160,7 +161,19 @@ def speed(model: real_eval.RealModel, policy, batches, length: int, decode_steps
   return rows
 
 
-def run(cfg: RealConfig, *, command: str = "", progress: bool = True) -> dict:
+def _earlier(cfg: RealConfig, out: pathlib.Path) -> dict:
+  """The stages an earlier run of the same config finished (its results.json), for --resume."""
+  file = out / "results.json"
+  if not file.is_file():
+    return {}
+  earlier = json.loads(file.read_text())
+  if earlier.get("config") != json.loads(json.dumps(dataclasses.asdict(cfg))):
+    raise ValueError(f"{file} was written by another config; --resume continues only the same one "
+                     "(remove the file, or pass another --out)")
+  return earlier
+
+
+def run(cfg: RealConfig, *, command: str = "", progress: bool = True, resume: bool = False) -> dict:
   start = time.perf_counter()
   max_len = max(cfg.length + cfg.max_new_tokens + 128, *(p + cfg.continuation_tokens for p in cfg.prefixes))
   model = real_eval.load_smollm2(dtype=cfg.dtype, kv_dtype=cfg.kv_dtype)
@@ -181,16 +194,23 @@ def run(cfg: RealConfig, *, command: str = "", progress: bool = True) -> dict:
                  policies={p.name: dataclasses.asdict(p) for p in policies}, tasks={}, continuation={}, speed={},
                  complete=False, seconds=None)
   out = pathlib.Path(cfg.out)
+  earlier = _earlier(cfg, out) if resume else {}
+  results["resumed"] = sorted([f"tasks/{m}" for m in earlier.get("tasks", {})]
+                              + [f"continuation/{p}" for p in earlier.get("continuation", {})])
+  spent = earlier.get("seconds") or 0.0
 
   def save(final: bool = False):
     # Written after every stage, so a long run that is cut keeps what it finished (complete says which it is).
-    results["seconds"] = round(time.perf_counter() - start, 1)
+    results["seconds"] = round(spent + time.perf_counter() - start, 1)
     results["complete"] = final
     out.mkdir(parents=True, exist_ok=True)
     result_files.write_json(out / "results.json", results)
     (out / "report.md").write_text(report(results))
 
   for mode in cfg.modes:
+    if mode in earlier.get("tasks", {}):
+      results["tasks"][mode] = earlier["tasks"][mode]
+      continue
     entry = real_eval.accuracy(model, policies, samples, mode=mode, batch=cfg.batch,
                                max_new_tokens=cfg.max_new_tokens, progress=progress)
     base = entry["policies"][cfg.baseline]["accuracy"]
@@ -202,6 +222,9 @@ def run(cfg: RealConfig, *, command: str = "", progress: bool = True) -> dict:
     results["tasks"][mode] = entry
     save()
   for prefix in cfg.prefixes:
+    if str(prefix) in earlier.get("continuation", {}):
+      results["continuation"][str(prefix)] = earlier["continuation"][str(prefix)]
+      continue
     results["continuation"][str(prefix)] = real_eval.continuation(model, policies, cfg.plays, prefix,
                                                                   cfg.continuation_tokens, progress=progress)
     save()
@@ -298,12 +321,15 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config field (repeatable)")
   parser.add_argument("--tiny", action="store_true", help="smoke run: random 2-layer model, 512-token prompts")
+  parser.add_argument("--resume", action="store_true",
+                      help="keep the stages (modes, continuation prefixes) an earlier run of this config finished")
   parser.add_argument("--no_progress", action="store_true")
   args = parser.parse_args(argv)
   sets = tuple(args.sets) + ((f"out={args.out}",) if args.out else ())
   try:
     cfg = load_config(args.config, sets=sets, tiny=args.tiny)
-    results = run(cfg, command=" ".join(["python experiments/run_real.py", *argv]), progress=not args.no_progress)
+    results = run(cfg, command=" ".join(["python experiments/run_real.py", *argv]), progress=not args.no_progress,
+                  resume=args.resume)
   except (ValueError, OSError) as e:
     raise SystemExit(f"error: {e}") from e
   print(report(results))

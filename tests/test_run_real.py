@@ -45,6 +45,14 @@ def test_tiny_run(tmp_path):
   assert cont["full"]["kl"] == 0 and cont["full"]["top1_agreement"] == 1 and cont["full"]["ppl_ratio"] == 1
   assert cont["hybrid_8x"]["kl"] > 0 and np.isfinite(cont["hybrid_8x"]["nll"])
   assert [r["batch"] for r in results["speed"]["hybrid_8x"]] == [1]
+  assert on_disk["complete"] and on_disk["resumed"] == []
+  # --resume keeps the finished stages of the same config and refuses another config's file.
+  again = run_real.main(["--config", CONFIG, "--tiny", "--out", str(out), "--no_progress", "--resume",
+                         "--set", "modes=[aware,agnostic]", "--set", "policies=[hybrid_8x,snapkv@0.5]"])
+  assert again["resumed"] == ["continuation/256", "tasks/agnostic", "tasks/aware"]
+  assert again["tasks"] == on_disk["tasks"] and again["continuation"] == on_disk["continuation"]
+  with pytest.raises(SystemExit, match="was written by another config; --resume continues only the same one"):
+    run_real.main(["--config", CONFIG, "--tiny", "--out", str(out), "--no_progress", "--resume"])
 
 
 @needs_model
