@@ -167,9 +167,12 @@ def _earlier(cfg: RealConfig, out: pathlib.Path) -> dict:
   if not file.is_file():
     return {}
   earlier = json.loads(file.read_text())
-  if earlier.get("config") != json.loads(json.dumps(dataclasses.asdict(cfg))):
-    raise ValueError(f"{file} was written by another config; --resume continues only the same one "
-                     "(remove the file, or pass another --out)")
+  # Stage lists may differ (a run of modes=[aware] resumed by one of [aware, agnostic]); nothing else may.
+  stages = ("modes", "prefixes", "speed_batches")
+  mine = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in stages}
+  if {k: v for k, v in earlier.get("config", {}).items() if k not in stages} != mine:
+    raise ValueError(f"{file} was written by another config; --resume continues only the same one, with other "
+                     "modes or prefixes at most (remove the file, or pass another --out)")
   return earlier
 
 
@@ -322,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
                       help="override a config field (repeatable)")
   parser.add_argument("--tiny", action="store_true", help="smoke run: random 2-layer model, 512-token prompts")
   parser.add_argument("--resume", action="store_true",
-                      help="keep the stages (modes, continuation prefixes) an earlier run of this config finished")
+                      help="keep the stages (modes, continuation prefixes) an earlier run of this config finished "
+                           "(its stage lists may differ)")
   parser.add_argument("--no_progress", action="store_true")
   args = parser.parse_args(argv)
   sets = tuple(args.sets) + ((f"out={args.out}",) if args.out else ())

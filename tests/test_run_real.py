@@ -48,7 +48,8 @@ def test_tiny_run(tmp_path):
   assert on_disk["complete"] and on_disk["resumed"] == []
   # --resume keeps the finished stages of the same config and refuses another config's file.
   again = run_real.main(["--config", CONFIG, "--tiny", "--out", str(out), "--no_progress", "--resume",
-                         "--set", "modes=[aware,agnostic]", "--set", "policies=[hybrid_8x,snapkv@0.5]"])
+                         "--set", "modes=[aware,agnostic]", "--set", "policies=[hybrid_8x,snapkv@0.5]",
+                         "--set", "speed_batches=[]"])
   assert again["resumed"] == ["continuation/256", "tasks/agnostic", "tasks/aware"]
   assert again["tasks"] == on_disk["tasks"] and again["continuation"] == on_disk["continuation"]
   with pytest.raises(SystemExit, match="was written by another config; --resume continues only the same one"):
