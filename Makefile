@@ -38,6 +38,8 @@ results: results-real results-toy
 results-real: setup
 	$(PY) experiments/run_real.py --config experiments/smollm2_core_4k.yaml --resume --no_progress
 	$(PY) experiments/run_real.py --config experiments/smollm2_sweep_4k.yaml --resume --no_progress
+	$(PY) experiments/run_real.py --config experiments/smollm2_ablation_4k.yaml --resume --no_progress
+	$(PY) experiments/run_real.py --config experiments/smollm2_8k.yaml --resume --no_progress
 	$(PY) experiments/bench_real_speed.py --out experiments/results/speed_smollm2_cpu.json
 
 results-toy: setup
