@@ -179,21 +179,29 @@ def _decode_text(model: RealModel, ids) -> str:
 
 
 def accuracy(model: RealModel, policies: Sequence[akv.Policy], samples: Sequence[text.TextSample], *, mode: str,
-             batch: int, max_new_tokens: int, progress: bool = True) -> dict[str, dict]:
+             batch: int, max_new_tokens: int, progress: bool = True, partial: dict | None = None,
+             on_batch: Callable[[dict], None] | None = None) -> dict[str, dict]:
   """Per policy: RULER scores per task and their average, predictions, bytes held, dense bytes and the ratio.
 
   max_new_tokens caps the tasks' RULER allowance; one cap serves every task of the run, so decoding compiles once
   per policy (generation stops earlier, at the end of the assistant turn).
+
+  partial / on_batch: a long evaluation can be cut and resumed. After each batch, on_batch receives the state so far
+  (JSON-serializable: batches done, predictions, bytes, seconds); passed back as `partial`, those batches are
+  skipped. Batches are deterministic (the same samples in the same order), so a resumed run equals an uncut one.
   """
   if mode not in MODES:
     raise ValueError(f"mode={mode!r} must be one of {MODES}")
   policies = tuple(policies)
-  preds: dict[str, list[str]] = {p.name: [] for p in policies}
-  held = dict.fromkeys(preds, 0)
-  dense = 0
+  state = dict(batches=0, predictions={p.name: [] for p in policies}, held={p.name: 0 for p in policies}, dense=0,
+               seconds=0.0)
+  if partial:
+    if sorted(partial["predictions"]) != sorted(state["predictions"]):
+      raise ValueError(f"partial results are for policies {sorted(partial['predictions'])}, not "
+                       f"{sorted(state['predictions'])}")
+    state = dict(partial)
   shapes: dict = {}
-  ordered: list[text.TextSample] = []
-  start = time.perf_counter()
+  start = time.perf_counter() - state["seconds"]
   new = min(max_new_tokens, max(text.get_task(s.task).max_new_tokens for s in samples))
   # One width for every batch of a run: prompts of a run have nearly the same length (the task generator fills
   # each to within one haystack unit of it), and the question of any task fits in QUESTION_WIDTH tokens.
@@ -202,9 +210,9 @@ def accuracy(model: RealModel, policies: Sequence[akv.Policy], samples: Sequence
   else:
     width = _round_up(max(len(s.context_ids) for s in samples), PAD_TO)
     qwidth = _round_up(max(len(s.question_ids) for s in samples), QUESTION_WIDTH)
-  for group, real in tqdm(list(_batches(samples, batch)), desc=f"tasks ({mode})", disable=not progress,
-                          mininterval=10):
-    ordered.extend(group[:real])
+  batches = list(_batches(samples, batch))
+  for group, real in tqdm(batches[state["batches"]:], desc=f"tasks ({mode})", disable=not progress,
+                          mininterval=10, initial=state["batches"], total=len(batches)):
     if mode == "aware":
       tokens, lengths = _pad([s.context_ids + s.question_ids for s in group], width)
       suffix = suffix_lengths = None
@@ -217,18 +225,22 @@ def accuracy(model: RealModel, policies: Sequence[akv.Policy], samples: Sequence
     for pol, cache in zip(policies, caches):
       out, _, _ = models.generate_from(model.config, model.params, logits, cache, pol, new,
                                        stop_tokens=model.stop_tokens, suffix=suffix, suffix_lengths=suffix_lengths)
-      preds[pol.name].extend(_decode_text(model, row) for row in np.asarray(out)[:real])
+      state["predictions"][pol.name].extend(_decode_text(model, row) for row in np.asarray(out)[:real])
     for pol, nbytes in zip(policies, _held_bytes(model, policies, tokens, lengths, shapes)):
-      held[pol.name] += nbytes * real // len(group)
-    dense += dense_bf16_bytes(model.config, real, tokens.shape[1])
-  seconds = round(time.perf_counter() - start, 1)
+      state["held"][pol.name] += nbytes * real // len(group)
+    state["dense"] += dense_bf16_bytes(model.config, real, tokens.shape[1])
+    state["batches"] += 1
+    state["seconds"] = round(time.perf_counter() - start, 1)
+    if on_batch is not None:
+      on_batch(state)
   out = {}
   for pol in policies:
-    out[pol.name] = dict(accuracy=text.score_batch(preds[pol.name], ordered), bytes_held=int(held[pol.name]),
-                         dense_bytes=int(dense), compression_ratio=round(dense / held[pol.name], 3),
-                         predictions=preds[pol.name])
-  return dict(policies=out, seconds=seconds, samples=[dict(task=s.task, outputs=list(s.outputs), depth=s.depth,
-                                                          tokens=s.length) for s in ordered])
+    held = state["held"][pol.name]
+    out[pol.name] = dict(accuracy=text.score_batch(state["predictions"][pol.name], samples), bytes_held=int(held),
+                         dense_bytes=int(state["dense"]), compression_ratio=round(state["dense"] / held, 3),
+                         predictions=state["predictions"][pol.name])
+  return dict(policies=out, seconds=state["seconds"],
+              samples=[dict(task=s.task, outputs=list(s.outputs), depth=s.depth, tokens=s.length) for s in samples])
 
 
 def play_tokens(model: RealModel, plays: Sequence[str], n: int) -> jax.Array:

@@ -180,7 +180,8 @@ def run(cfg: RealConfig, *, command: str = "", progress: bool = True, resume: bo
   out = pathlib.Path(cfg.out)
   earlier = _earlier(cfg, out) if resume else {}
   results["resumed"] = sorted([f"tasks/{m}" for m in earlier.get("tasks", {})]
-                              + [f"continuation/{p}" for p in earlier.get("continuation", {})])
+                              + [f"continuation/{p}" for p in earlier.get("continuation", {})]
+                              + [f"tasks/{m}: {st['batches']} batches" for m, st in earlier.get("partial", {}).items()])
   spent = earlier.get("seconds") or 0.0
 
   def save(final: bool = False):
@@ -195,8 +196,15 @@ def run(cfg: RealConfig, *, command: str = "", progress: bool = True, resume: bo
     if mode in earlier.get("tasks", {}):
       results["tasks"][mode] = earlier["tasks"][mode]
       continue
+
+    def batch_done(state, mode=mode):
+      results.setdefault("partial", {})[mode] = state
+      save()
+
     entry = real_eval.accuracy(model, policies, samples, mode=mode, batch=cfg.batch,
-                               max_new_tokens=cfg.max_new_tokens, progress=progress)
+                               max_new_tokens=cfg.max_new_tokens, progress=progress,
+                               partial=earlier.get("partial", {}).get(mode), on_batch=batch_done)
+    results.get("partial", {}).pop(mode, None)
     base = entry["policies"][cfg.baseline]["accuracy"]
     solved = [t for t in cfg.tasks if base[t] > 0]
     entry["solved_by_baseline"] = solved

@@ -59,6 +59,31 @@ def test_full_cache_answers_the_same_in_both_modes():
   assert aware["policies"]["full"]["predictions"] == agnostic["policies"]["full"]["predictions"]
 
 
+@needs_model
+def test_cut_and_resumed_accuracy_equals_an_uncut_one():
+  model = real_eval.random_model(real_eval.load_smollm2())
+  samples = real_eval.draw_samples(model, ["niah_single_noise", "niah_multivalue"], 384, 2, 3)
+  policies = [real_eval.resolve_policy("full"), real_eval.resolve_policy("snapkv@0.5")]
+  kwargs = dict(mode="agnostic", batch=2, max_new_tokens=4, progress=False)
+  whole = real_eval.accuracy(model, policies, samples, **kwargs)
+  saved = []
+
+  class Cut(Exception):
+    pass
+
+  def cut(state):
+    saved.append(json.loads(json.dumps(state)))   # what results.json keeps
+    raise Cut
+
+  with pytest.raises(Cut):
+    real_eval.accuracy(model, policies, samples, on_batch=cut, **kwargs)
+  assert saved[0]["batches"] == 1
+  resumed = real_eval.accuracy(model, policies, samples, partial=saved[0], **kwargs)
+  assert resumed["policies"] == whole["policies"]
+  with pytest.raises(ValueError, match=r"partial results are for policies \['full', 'snapkv@0.5'\], not \['full'\]"):
+    real_eval.accuracy(model, policies[:1], samples, partial=saved[0], **kwargs)
+
+
 def test_resolve_policy():
   pol = real_eval.resolve_policy("snapkv@0.125")
   assert pol.keep == 0.125 and pol.name == "snapkv@0.125" and pol.selection == "snapkv"
