@@ -77,25 +77,28 @@ def _write_pos(ckv: CompressedKV, pos: jax.Array, slot: jax.Array, enabled: jax.
   return out.reshape(ckv.body_pos.shape)
 
 
-def _push(ckv: CompressedKV, k_t, v_t, score=None):
+def _push(ckv: CompressedKV, k_t, v_t, score=None, rows=None):
   """Step 1: the new token goes to the sinks while they are not full, else to the recent buffer.
 
   score: f32[B, K] attention the token has already received (H2O; akv_jax.extend), else it starts at 0.
+  rows: bool[B] rows that take a token (akv_jax.extend's ragged chunks); the others are left as they are.
   """
   z = ckv.sink_k.shape[2]
-  to_sink = ckv.sink_fill < z                                            # [B]
+  rows = jnp.ones(ckv.sink_fill.shape, bool) if rows is None else rows
+  to_sink = (ckv.sink_fill < z) & rows                                   # [B]
   sink_on = jnp.broadcast_to(to_sink[:, None], ckv.key_fill.shape)
   sink_k = _set_slot(ckv.sink_k, jnp.broadcast_to(ckv.sink_fill[:, None], sink_on.shape), k_t, sink_on)
   sink_v = _set_slot(ckv.sink_v, jnp.broadcast_to(ckv.sink_fill[:, None], sink_on.shape), v_t, sink_on)
   nk = ckv.recent_fill
   room = nk < ckv.recent_capacity
-  on = ~sink_on & room
+  to_recent = ~sink_on & rows[:, None]
+  on = to_recent & room
   pos = jnp.broadcast_to(ckv.next_pos[:, None], nk.shape)
   updates = dict(
       sink_k=sink_k, sink_v=sink_v, sink_fill=ckv.sink_fill + to_sink.astype(jnp.int32),
       recent_k=_set_slot(ckv.recent_k, nk, k_t, on), recent_v=_set_slot(ckv.recent_v, nk, v_t, on),
       recent_pos=_set_slot(ckv.recent_pos, nk, pos, on), recent_fill=nk + on.astype(jnp.int32),
-      next_pos=ckv.next_pos + 1, dropped=ckv.dropped + (~sink_on & ~room).astype(jnp.int32))
+      next_pos=ckv.next_pos + rows.astype(jnp.int32), dropped=ckv.dropped + (to_recent & ~room).astype(jnp.int32))
   if ckv.scores is not None:
     m = ckv.scores.shape[-1] - ckv.recent_capacity
     score = jnp.zeros(nk.shape) if score is None else score
@@ -103,11 +106,12 @@ def _push(ckv: CompressedKV, k_t, v_t, score=None):
   return dataclasses.replace(ckv, **updates)
 
 
-def _flush_kivi(ckv: CompressedKV, recent: int, flush: int, impl) -> CompressedKV:
-  """Steps 2-3 for non-evicting caches: one value leaves per step, keys leave `flush` at a time."""
+def _flush_kivi(ckv: CompressedKV, recent: int, flush: int, impl, rows) -> CompressedKV:
+  """Steps 2-3 for non-evicting caches: one value leaves per step, keys leave `flush` at a time (rows bool[B]:
+  the rows that took a token)."""
   cap = _body.head_capacity(ckv)
   kb, vb, nk = ckv.key_fill, ckv.value_fill, ckv.recent_fill
-  need_v = (kb + nk - vb > recent) & (vb < cap)
+  need_v = (kb + nk - vb > recent) & (vb < cap) & rows[:, None]
   d = vb - kb
   value = _get_slot(ckv.recent_v, d)[:, :, None]
   body_v = _write_body(ckv, ckv.body_v, value, vb, need_v, impl)
@@ -115,7 +119,7 @@ def _flush_kivi(ckv: CompressedKV, recent: int, flush: int, impl) -> CompressedK
   vb = vb + need_v.astype(jnp.int32)
   ckv = dataclasses.replace(ckv, body_v=body_v, body_pos=body_pos, value_fill=vb)
 
-  need_k = (vb - kb >= flush) & (kb + flush <= cap)
+  need_k = (vb - kb >= flush) & (kb + flush <= cap) & rows[:, None]
   body_k = _write_body(ckv, ckv.body_k, ckv.recent_k[:, :, :flush], kb, need_k, impl)
   return dataclasses.replace(
       ckv, body_k=body_k, key_fill=kb + flush * need_k.astype(jnp.int32),
@@ -124,10 +128,11 @@ def _flush_kivi(ckv: CompressedKV, recent: int, flush: int, impl) -> CompressedK
       recent_pos=_shift(ckv.recent_pos, flush, need_k))
 
 
-def _flush_evict(ckv: CompressedKV, recent: int, impl) -> CompressedKV:
-  """Step 2 for bounded caches: the token leaving the window moves to a free or weaker body slot, or is dropped."""
+def _flush_evict(ckv: CompressedKV, recent: int, impl, rows) -> CompressedKV:
+  """Step 2 for bounded caches: the token leaving the window moves to a free or weaker body slot, or is dropped
+  (rows bool[B]: the rows that took a token)."""
   kb, nk = ckv.key_fill, ckv.recent_fill
-  leave = nk > recent
+  leave = (nk > recent) & rows[:, None]
   cap = _body.head_capacity(ckv)
   m = ckv.body_pos.shape[2]
   target, place = kb, leave & (kb < cap)
@@ -171,7 +176,8 @@ def check_implementation(implementation: str | None, interpret: bool) -> None:
 
 
 def _append(ckv: CompressedKV, k_t: jax.Array, v_t: jax.Array, policy: Policy, implementation: str | None = None,
-            interpret: bool = False, score: jax.Array | None = None) -> CompressedKV:
+            interpret: bool = False, score: jax.Array | None = None, rows: jax.Array | None = None) -> CompressedKV:
+  """append's body; rows bool[B] (default all) are the rows that take the token, the others are left as they are."""
   check_implementation(implementation, interpret)
   impl = (implementation, interpret)
   validation.compressed(ckv)
@@ -183,10 +189,11 @@ def _append(ckv: CompressedKV, k_t: jax.Array, v_t: jax.Array, policy: Policy, i
                      "(its body is quantized)")
   # The recent capacity is the bf16 window plus one flush unit of headroom (see Policy.layout).
   recent = ckv.recent_capacity - flush
-  ckv = _push(ckv, k_t, v_t, score)
+  rows = jnp.ones(ckv.sink_fill.shape, bool) if rows is None else rows
+  ckv = _push(ckv, k_t, v_t, score, rows)
   if policy.evicting:
-    return _flush_evict(ckv, recent, impl)
-  return _flush_kivi(ckv, recent, flush, impl)
+    return _flush_evict(ckv, recent, impl, rows)
+  return _flush_kivi(ckv, recent, flush, impl, rows)
 
 
 @functools.partial(jax.jit, static_argnames=("policy", "implementation", "interpret"), donate_argnames=("ckv",))

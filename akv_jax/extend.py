@@ -89,14 +89,9 @@ def _extend(q, k, v, ckv: CompressedKV, policy: Policy, counts, scale, implement
 
   def step(c, xs):
     k_t, v_t, score, i = xs
-    new = _append(c, k_t, v_t, policy, implementation, interpret,
-                  score=None if c.scores is None else score)
-    on = i < counts                                              # [B]; every cache leaf is batch-major
-
-    def keep(after, before):
-      return jnp.where(on.reshape(on.shape + (1,) * (after.ndim - 1)), after, before)
-
-    return jax.tree_util.tree_map(keep, new, c), None
+    # Rows past their count take no token: append leaves them as they are (no copy of the cache per step).
+    return _append(c, k_t, v_t, policy, implementation, interpret, score=None if c.scores is None else score,
+                   rows=i < counts), None
 
   xs = (jnp.moveaxis(k, 2, 0), jnp.moveaxis(v, 2, 0), jnp.moveaxis(new_probs, 2, 0), jnp.arange(t))
   ckv, _ = jax.lax.scan(step, ckv, xs)

@@ -36,7 +36,7 @@ from akv_jax.tasks import text
 
 MODES = ("aware", "agnostic")
 PAD_TO = 64            # prompt widths are rounded up to this
-QUESTION_WIDTH = 128   # question-agnostic mode: every question padded to a multiple of this
+QUESTION_WIDTH = 16    # question-agnostic mode: questions padded to a multiple of this (the extend scans them all)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -204,7 +204,7 @@ def accuracy(model: RealModel, policies: Sequence[akv.Policy], samples: Sequence
   start = time.perf_counter() - state["seconds"]
   new = min(max_new_tokens, max(text.get_task(s.task).max_new_tokens for s in samples))
   # One width for every batch of a run: prompts of a run have nearly the same length (the task generator fills
-  # each to within one haystack unit of it), and the question of any task fits in QUESTION_WIDTH tokens.
+  # each to within one haystack unit of it), and questions are padded to one width for the run.
   if mode == "aware":
     width = _round_up(max(s.length for s in samples), PAD_TO)
   else:
