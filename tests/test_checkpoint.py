@@ -17,6 +17,7 @@ import tokenizers
 from akv_jax.models import (LlamaConfig, config_from_hf, config_to_hf, forward, init_params, inverse_frequencies,
                             load_checkpoint, load_tokenizer, save_checkpoint)
 from akv_jax.models import checkpoint as ckpt
+from akv_jax.testing import random_hf_llama
 
 V, D, F, L, N, K = 61, 32, 48, 2, 4, 2
 B, T = 2, 12
@@ -40,22 +41,8 @@ def hf_config(*, tie=False, head_dim=None, **overrides) -> dict:
 
 
 def hf_weights(seed: int, *, tie=False, h=D // N) -> dict[str, np.ndarray]:
-  """Random f32 weights under Hugging Face's names and [out, in] shapes, spelled out from the HF modules."""
-  shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
-  for i in range(L):
-    p = f"model.layers.{i}."
-    shapes |= {p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
-               p + "self_attn.q_proj.weight": (N * h, D), p + "self_attn.k_proj.weight": (K * h, D),
-               p + "self_attn.v_proj.weight": (K * h, D), p + "self_attn.o_proj.weight": (D, N * h),
-               p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D), p + "mlp.down_proj.weight": (D, F)}
-  if not tie:
-    shapes["lm_head.weight"] = (V, D)
-  out = {}
-  for key, (name, shape) in zip(jax.random.split(jax.random.key(seed), len(shapes)), sorted(shapes.items())):
-    x = np.asarray(jax.random.normal(key, shape, jnp.float32))
-    # Norms near 1 and matrices at 1/sqrt(fan-in) keep activations and logits O(1), so 1e-5 is a real bound.
-    out[name] = (1 + 0.1 * x) if name.endswith("norm.weight") else (x / np.float32(math.sqrt(shape[-1])))
-  return out
+  """Random f32 weights under Hugging Face's names and [out, in] shapes (akv_jax.testing.random_hf_llama)."""
+  return random_hf_llama(seed, vocab=V, hidden=D, ffn=F, layers=L, heads=N, kv_heads=K, head_dim=h, tie=tie)
 
 
 # ---------------------------------------------------------------------------------------------- numpy reference

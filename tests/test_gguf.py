@@ -7,7 +7,6 @@ malformed file raises ValueError naming what is wrong."""
 import importlib.machinery
 import importlib.util
 import json
-import math
 import re
 import time
 from typing import Any
@@ -26,6 +25,7 @@ import akv_jax as akv
 from akv_jax.models import (LlamaConfig, forward, generate, init_params, load_chat_template, load_checkpoint,
                             load_gguf, load_gguf_tokenizer, load_special_tokens, smollm2_path)
 from akv_jax.models import gguf as gguf_loader
+from akv_jax.testing import random_hf_llama
 
 V, D, F, L, N, K = 61, 32, 48, 2, 4, 2
 B, T = 2, 12
@@ -50,21 +50,8 @@ def gguf_names(*, tie: bool) -> dict[str, str]:
 
 
 def hf_weights(seed: int, *, tie: bool, h: int = D // N, kv: int = K) -> dict[str, np.ndarray]:
-  """Random f32 weights under Hugging Face's names and [out, in] shapes."""
-  shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
-  for i in range(L):
-    p = f"model.layers.{i}."
-    shapes |= {p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
-               p + "self_attn.q_proj.weight": (N * h, D), p + "self_attn.k_proj.weight": (kv * h, D),
-               p + "self_attn.v_proj.weight": (kv * h, D), p + "self_attn.o_proj.weight": (D, N * h),
-               p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D), p + "mlp.down_proj.weight": (D, F)}
-  if not tie:
-    shapes["lm_head.weight"] = (V, D)
-  out = {}
-  for key, (name, shape) in zip(jax.random.split(jax.random.key(seed), len(shapes)), sorted(shapes.items())):
-    x = np.asarray(jax.random.normal(key, shape, jnp.float32))
-    out[name] = (1 + 0.1 * x) if name.endswith("norm.weight") else (x / np.float32(math.sqrt(shape[-1])))
-  return out
+  """Random f32 weights under Hugging Face's names and [out, in] shapes (akv_jax.testing.random_hf_llama)."""
+  return random_hf_llama(seed, vocab=V, hidden=D, ffn=F, layers=L, heads=N, kv_heads=kv, head_dim=h, tie=tie)
 
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
