@@ -20,17 +20,19 @@ setup: $(VENV)/.installed
 run: setup
 	$(PY) experiments/run_real.py --config experiments/smollm2_hybrid_8x.yaml --out out/hybrid_8x
 
-# Three processes: the Pallas kernel tests (interpret mode, CUDA lowering), the real-model and extend tests, and the
-# rest, so no run's compiled-program state grows into another's (one process for all of the last two crashed in
-# XLA's compiler, a test that passes alone).
+# Four processes: the Pallas kernel tests (interpret mode, CUDA lowering), the real-model tests, the model and
+# extend tests, and the rest, so no run's compiled-program state grows into another's (one process for all of the
+# last three crashed in XLA's compiler, on a test that passes alone).
 KERNEL_TESTS := tests/test_kernel_decode.py tests/test_kernel_prefill.py tests/test_kernel_quantize.py \
   tests/test_lowering.py tests/test_fused_attention.py tests/test_paging.py tests/test_model_kernels.py
 REAL_TESTS := tests/test_gguf.py tests/test_text_tasks.py tests/test_run_real.py tests/test_bench_real_speed.py \
-  tests/test_bench_peers.py tests/test_extend.py
+  tests/test_bench_peers.py
+MODEL_TESTS := tests/test_models.py tests/test_extend.py
 test: setup
 	$(PY) -m pytest $(KERNEL_TESTS)
 	$(PY) -m pytest $(REAL_TESTS)
-	$(PY) -m pytest tests $(addprefix --ignore=,$(KERNEL_TESTS) $(REAL_TESTS))
+	$(PY) -m pytest $(MODEL_TESTS)
+	$(PY) -m pytest tests $(addprefix --ignore=,$(KERNEL_TESTS) $(REAL_TESTS) $(MODEL_TESTS))
 
 # Regenerates every CPU result file the README quotes. `results-real` is the real model (SmolLM2-135M-Instruct):
 # each run resumes what an earlier, cut run of its config finished (run_real --resume), and its results.json
