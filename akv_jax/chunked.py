@@ -32,6 +32,23 @@ def _sub_blocks(codes: jax.Array, bits: int) -> list[jax.Array]:
   return [((c >> (i * bits)) & ((1 << bits) - 1)).astype(jnp.float32) for i in range(8 // bits)]
 
 
+def _dot(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """einsum(eq, a f32 [B, K, G, ...], b) in f32, with a 16-bit float b read as it is stored.
+
+  A bf16/f16 operand meets a split into two 16-bit halves, a = hi + lo (stacked along G, one dot), whose products
+  with it are exact in f32: the result differs from the f32 dot only by the residual a - hi - lo (about 2^-16
+  relative). On a CPU this reads the cache at its stored width (bf16 dots run on the vector units' native
+  instructions) instead of materialising an f32 copy of every chunk: 2.6x faster on a 4k bf16 cache.
+  """
+  if b.dtype not in (jnp.bfloat16, jnp.float16):
+    return jnp.einsum(eq, a, b.astype(jnp.float32))
+  hi = a.astype(b.dtype)
+  lo = (a - hi.astype(jnp.float32)).astype(b.dtype)
+  out = jnp.einsum(eq, jnp.concatenate([hi, lo], axis=2), b, preferred_element_type=jnp.float32)
+  g = a.shape[2]
+  return out[:, :, :g] + out[:, :, g:]
+
+
 def _slice(x: jax.Array, start, size: int) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(x, start, size, axis=2)
 
@@ -57,7 +74,7 @@ def _scores(qg: jax.Array, k, start, c: int, _slice=_slice) -> jax.Array:
   `_slice(leaf, first_row, rows)` reads rows of a body leaf (a dynamic slice, or a page-table gather).
   """
   if not isinstance(k, QuantizedTensor):
-    return jnp.einsum("BKGH,BKSH->BKGS", qg, _slice(k, start, c).astype(jnp.float32))
+    return _dot("BKGH,BKSH->BKGS", qg, _slice(k, start, c))
   if k.axis != "channel":
     rows = QuantizedTensor(codes=_slice(k.codes, start, c), scale=_slice(k.scale, start, c),
                            zero=_slice(k.zero, start, c), bits=k.bits, group=k.group, axis=k.axis)
@@ -79,7 +96,7 @@ def _scores(qg: jax.Array, k, start, c: int, _slice=_slice) -> jax.Array:
 def _mix(p: jax.Array, v, start, c: int, _slice=_slice) -> jax.Array:
   """p f32[B, K, G, c] times body values of slots [start, start + c) -> f32[B, K, G, H]."""
   if not isinstance(v, QuantizedTensor):
-    return jnp.einsum("BKGS,BKSH->BKGH", p, _slice(v, start, c).astype(jnp.float32))
+    return _dot("BKGS,BKSH->BKGH", p, _slice(v, start, c))
   if v.axis != "token":  # policies quantize values per token only (KIVI); see Policy
     raise ValueError(f"chunked attention reads values quantized per token; these are per {v.axis!r}")
   b, kh = p.shape[:2]
@@ -117,11 +134,22 @@ def default_chunk(b: int, kh: int, h: int) -> int:
   return int(min(4096, max(64, 1 << max(0, (_CHUNK_ELEMENTS // (b * kh * h)).bit_length() - 1))))
 
 
+def _default_chunk(ckv: CompressedKV, b: int, kh: int, h: int) -> int:
+  """A bf16 per-head body is read in one piece: XLA's CPU backend widens a dynamic slice of a 16-bit float array
+  to f32 (a convert of the whole body, hoisted out of the loop), which made a 4k bf16 body 5x slower to attend
+  chunk by chunk than whole; the bf16 dots need no f32 copy, so one piece costs only the f32 scores. Quantized
+  bodies are sliced as u8 codes and dequantized a chunk at a time."""
+  if not ckv.paged and not isinstance(ckv.body_k, QuantizedTensor) and not isinstance(ckv.body_v, QuantizedTensor):
+    return ckv.body_capacity
+  return default_chunk(b, kh, h)
+
+
 def attend(q: jax.Array, ckv: CompressedKV, *, scale: float | None = None, chunk: int | None = None) -> jax.Array:
   """Attention of q [B, N, H] (one token per row) over ckv -> [B, N, H] in q's dtype.
 
   Args:
-    chunk: body slots per loop step (static; default `default_chunk`), rounded down to whole key groups and to
+    chunk: body slots per loop step (static; default: the whole body when it is bf16 rows, else
+      `default_chunk`), rounded down to whole key groups and to
       the body's capacity.
   """
   b, kh, h = validation.compressed(ckv)
@@ -154,7 +182,7 @@ def attend(q: jax.Array, ckv: CompressedKV, *, scale: float | None = None, chunk
   if m_cap:
     body_k, body_v = ckv.body_k, ckv.body_v
     rows = _PagedRows(ckv) if ckv.paged else _slice
-    chunk = default_chunk(b, kh, h) if chunk is None else chunk
+    chunk = _default_chunk(ckv, b, kh, h) if chunk is None else chunk
     c = max(key_group, min(chunk, m_cap) // key_group * key_group)
     fill = ckv.key_fill
 

@@ -34,7 +34,7 @@ def _set_slot(x: jax.Array, slot: jax.Array, value: jax.Array, enabled: jax.Arra
   b, kh, r = x.shape[:3]
   idx = jnp.where(enabled, slot, r)
   bi, ki = jnp.meshgrid(jnp.arange(b), jnp.arange(kh), indexing="ij")
-  return x.at[bi, ki, idx].set(value.astype(x.dtype), mode="drop")
+  return _body.set_at(x, (bi, ki, idx), value)
 
 
 def _get_slot(x: jax.Array, slot: jax.Array) -> jax.Array:
