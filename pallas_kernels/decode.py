@@ -211,7 +211,7 @@ def _kernel(fmt: Format, splits: int, side_block: int, g: int, *refs):
   j = pl.program_id(2)
   gp, h = q_ref.shape
   chunks = _chunks(fmt, h)
-  u = h if fmt.value_bits == RAW else fmt.chunk(h)
+  u = fmt.chunk(h)
   sink_len, body_len, patch_len, recent_len = lens_ref[0], lens_ref[1], lens_ref[2], lens_ref[3]
   q = q_ref[...] * _LOG2E                                    # scores in log2 units: the softmax uses exp2
   q_hi, q_lo = _split(q, jnp.bfloat16)                       # for the bf16 keys (exact products)

