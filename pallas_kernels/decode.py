@@ -31,7 +31,7 @@ slicing or concatenation (which Triton rejects).
 
 Long caches split along the sequence (flash-decoding): program j of (b, k) takes the j-th share of body and
 recent blocks (split 0 also the sinks and the patch) and writes an unnormalized partial output with its row max
-and sum; `combine` merges the splits in one XLA fusion. Blocks past a row's length are never visited, and the last
+and sum; `combine` merges the splits in one XLA fusion (with one split, the kernel normalizes its own output). Blocks past a row's length are never visited, and the last
 block is read with masked loads, since the Triton backend does not mask partial blocks.
 
 This module takes plain arrays and never imports akv_jax; akv_jax.attention maps a CompressedKV onto it.
@@ -314,6 +314,9 @@ def _kernel(fmt: Format, splits: int, side_block: int, g: int, *refs):
   state = side_loop(state, recent_k_ref, patch_v_ref, 0, patch_len, first, 1 << 20)
 
   m, l, accs = state
+  if splits == 1:   # the whole sequence is here: normalize in place, so there is nothing left to combine
+    inv = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)[:, None]
+    accs = tuple(a * inv for a in accs)
   real = jnp.broadcast_to((jnp.arange(gp) < g)[:, None], (gp, u))   # padding rows are never written
   for (_, _, first_ch), acc in zip(chunks, accs):
     plgpu.store(o_ref.at[:, pl.ds(first_ch, u)], acc, mask=real)
@@ -413,8 +416,8 @@ def decode_attention(q, sink_k, sink_v, body_k, body_v, recent_k, recent_v, patc
     splits: sequence splits per (row, kv head); default from `default_splits`.
 
   Returns:
-    (o f32[B, K, S', Gp, H] unnormalized (rows >= G are padding, never written), m f32[B, K, S', Gp] row max
-    in log2 units, l f32[B, K, S', Gp] row sum), S' splits.
+    (o f32[B, K, S', Gp, H] unnormalized, or normalized when S' = 1 (rows >= G are padding, never written),
+    m f32[B, K, S', Gp] row max in log2 units, l f32[B, K, S', Gp] row sum), S' splits.
   """
   validate(q, sink_k, body_k, body_v, recent_k, patch_v, lengths, page_table, fmt)
   b, kh, g, h = q.shape
@@ -457,7 +460,12 @@ def decode_attention(q, sink_k, sink_v, body_k, body_v, recent_k, recent_v, patc
 
 
 def combine(o: jax.Array, m: jax.Array, l: jax.Array, g: int) -> jax.Array:
-  """Merges split partials (from `decode_attention`) into f32[B, K, G, H]; a row with no tokens gives 0."""
+  """Merges split partials (from `decode_attention`) into f32[B, K, G, H]; a row with no tokens gives 0.
+
+  With one split the kernel has already normalized its output, so this only drops the padding rows.
+  """
+  if o.shape[2] == 1:
+    return o[:, :, 0, :g]
   o, m, l = o[:, :, :, :g], m[:, :, :, :g], l[:, :, :, :g]      # the real query heads only
   mx = jnp.max(m, axis=2, keepdims=True)
   w = jnp.exp2(m - mx)                                             # [B, K, S', G] (m in log2 units)
