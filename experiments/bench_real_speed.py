@@ -21,7 +21,6 @@ import platform
 import resource
 import subprocess
 import sys
-import time
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable, as `python -m` would
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -29,11 +28,8 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable,
 
 def one(policy_name: str, length: int, batch: int, decode_steps: int, reps: int) -> dict:
   """Measures one configuration in this process."""
-  import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
-  import akv_jax as akv  # noqa: PLC0415
-  from akv_jax import models  # noqa: PLC0415
   from experiments import model_eval, real_eval  # noqa: PLC0415
 
   model = real_eval.load_smollm2()
@@ -42,24 +38,9 @@ def one(policy_name: str, length: int, batch: int, decode_steps: int, reps: int)
   toks = jnp.broadcast_to(seq, (batch, length))
   lens = jnp.full((batch,), length, jnp.int32)
 
-  def prefill():
-    return models.prefill(model.config, model.params, toks, lens, policy, reserve=decode_steps)
-
-  t = time.perf_counter()
-  jax.block_until_ready(prefill())
-  first = time.perf_counter() - t
-  ttft = model_eval._median_ms(prefill, reps)
-  logits, cache = prefill()
-  held = akv.nbytes(cache)
-  tok = jnp.argmax(logits, -1).astype(jnp.int32)
-  logits, cache = models.decode_step(model.config, model.params, cache, tok, policy)   # warm-up (compiles)
-  jax.block_until_ready(logits)
-  t = time.perf_counter()
-  for _ in range(decode_steps - 1):
-    logits, cache = models.decode_step(model.config, model.params, cache, jnp.argmax(logits, -1).astype(jnp.int32),
-                                       policy)
-  jax.block_until_ready(logits)
-  tpot = 1e3 * (time.perf_counter() - t) / (decode_steps - 1)
+  t = model_eval.time_prefill_decode(model.config, model.params, toks, lens, policy, decode_steps=decode_steps,
+                                     reps=reps)
+  ttft, first, tpot, held = t["ttft_ms"], t["first_call_s"], t["tpot_ms"], t["cache_bytes"]
   return dict(policy=policy_name, keep=policy.keep, length=length, batch=batch, ttft_ms=round(ttft, 1),
               first_call_s=round(first, 1), tpot_ms=round(tpot, 2), tokens_per_s=round(batch / tpot * 1e3, 2),
               cache_bytes=int(held), dense_bf16_bytes=real_eval.dense_bf16_bytes(model.config, batch, length),

@@ -158,6 +158,33 @@ def _median_ms(fn, reps: int) -> float:
   return 1e3 * statistics.median(times)
 
 
+def time_prefill_decode(config, params, tokens: jax.Array, lengths: jax.Array, policy: akv.Policy, *,
+                        decode_steps: int, reps: int) -> dict:
+  """TTFT and TPOT of one batch, after warm-up: the median of `reps` jitted prefills (which compress every layer;
+  the first, compiling call is reported apart as first_call_s) and the mean of decode_steps - 1 greedy steps
+  after a warm-up step, with the bytes the prefill cache holds."""
+  def prefill():
+    return models.prefill(config, params, tokens, lengths, policy, reserve=decode_steps)
+
+  def step(logits, cache):
+    return models.decode_step(config, params, cache, jnp.argmax(logits, -1).astype(jnp.int32), policy)
+
+  t = time.perf_counter()
+  jax.block_until_ready(prefill())
+  first = time.perf_counter() - t
+  ttft = _median_ms(prefill, reps)
+  logits, cache = prefill()
+  held = akv.nbytes(cache)
+  logits, cache = step(logits, cache)     # warm-up (compiles)
+  jax.block_until_ready(logits)
+  t = time.perf_counter()
+  for _ in range(decode_steps - 1):
+    logits, cache = step(logits, cache)
+  jax.block_until_ready(logits)
+  tpot = 1e3 * (time.perf_counter() - t) / max(decode_steps - 1, 1)
+  return dict(ttft_ms=ttft, first_call_s=first, tpot_ms=tpot, cache_bytes=int(held))
+
+
 def speed(config, params, policy: akv.Policy, batches, length: int, decode_steps: int, reps: int, seed: int, *,
           progress: bool = True, text: TextTasks | None = None) -> list[dict]:
   """TTFT, TPOT and tokens/s at each batch size, on task prompts of `length` task tokens."""
@@ -166,21 +193,9 @@ def speed(config, params, policy: akv.Policy, batches, length: int, decode_steps
   for b in tqdm(batches, desc=f"{policy.name}: speed", disable=not progress):
     batch = tasks.make_batch(list(tasks.TASK_NAMES), np.random.default_rng(seed), length, vocab, b)
     toks, lens = (jnp.asarray(batch.prompts), jnp.asarray(batch.lengths)) if text is None else text.encode(batch)
-    prefill = lambda: models.prefill(config, params, toks, lens, policy, reserve=decode_steps)  # noqa: E731
-    jax.block_until_ready(prefill())
-    ttft = _median_ms(prefill, reps)
-    logits, cache = prefill()
-    tok = jnp.argmax(logits, -1).astype(jnp.int32)
-    logits, cache = models.decode_step(config, params, cache, tok, policy)     # warm-up (compiles)
-    jax.block_until_ready(logits)
-    t = time.perf_counter()
-    for _ in range(decode_steps - 1):
-      logits, cache = models.decode_step(config, params, cache, jnp.argmax(logits, -1).astype(jnp.int32), policy)
-    jax.block_until_ready(logits)
-    tpot = 1e3 * (time.perf_counter() - t) / max(decode_steps - 1, 1)
-    rows.append(dict(batch=b, length=length, ttft_ms=round(ttft, 3), tpot_ms=round(tpot, 3),
-                     tokens_per_s=round(b / tpot * 1e3, 2), cache_bytes=int(akv.nbytes(cache))))
-    del cache
+    t = time_prefill_decode(config, params, toks, lens, policy, decode_steps=decode_steps, reps=reps)
+    rows.append(dict(batch=b, length=length, ttft_ms=round(t["ttft_ms"], 3), tpot_ms=round(t["tpot_ms"], 3),
+                     tokens_per_s=round(b / t["tpot_ms"] * 1e3, 2), cache_bytes=t["cache_bytes"]))
   return rows
 
 

@@ -47,7 +47,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import akv_jax as akv  # noqa: E402
-from akv_jax import models  # noqa: E402
 from akv_jax.tasks import text  # noqa: E402
 from experiments import config_files, model_eval, real_eval, result_files  # noqa: E402
 from experiments.run_experiment import machine  # noqa: E402
@@ -122,23 +121,10 @@ def speed(model: real_eval.RealModel, policy, batches, length: int, decode_steps
   for b in batches:
     toks = jnp.broadcast_to(seq, (b, length))
     lens = jnp.full((b,), length, jnp.int32)
-    prefill = lambda: models.prefill(model.config, model.params, toks, lens, policy,  # noqa: E731, B023
-                                     reserve=decode_steps)
-    jax.block_until_ready(prefill())
-    ttft = model_eval._median_ms(prefill, reps)
-    logits, cache = prefill()
-    tok = jnp.argmax(logits, -1).astype(jnp.int32)
-    logits, cache = models.decode_step(model.config, model.params, cache, tok, policy)     # warm-up (compiles)
-    jax.block_until_ready(logits)
-    t = time.perf_counter()
-    for _ in range(decode_steps - 1):
-      logits, cache = models.decode_step(model.config, model.params, cache,
-                                         jnp.argmax(logits, -1).astype(jnp.int32), policy)
-    jax.block_until_ready(logits)
-    tpot = 1e3 * (time.perf_counter() - t) / max(decode_steps - 1, 1)
-    rows.append(dict(batch=b, length=length, ttft_ms=round(ttft, 1), tpot_ms=round(tpot, 2),
-                     tokens_per_s=round(b / tpot * 1e3, 2)))
-    del cache
+    t = model_eval.time_prefill_decode(model.config, model.params, toks, lens, policy, decode_steps=decode_steps,
+                                       reps=reps)
+    rows.append(dict(batch=b, length=length, ttft_ms=round(t["ttft_ms"], 1), tpot_ms=round(t["tpot_ms"], 2),
+                     tokens_per_s=round(b / t["tpot_ms"] * 1e3, 2)))
   return rows
 
 
