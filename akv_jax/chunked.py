@@ -149,8 +149,7 @@ def attend(q: jax.Array, ckv: CompressedKV, *, scale: float | None = None, chunk
 
   Args:
     chunk: body slots per loop step (static; default: the whole body when it is bf16 rows, else
-      `default_chunk`), rounded down to whole key groups and to
-      the body's capacity.
+      `default_chunk`), rounded down to whole key groups and to the body's capacity.
   """
   b, kh, h = validation.compressed(ckv)
   validation.queries(q, b, kh, h, name="q", ranks=(3,))
