@@ -16,7 +16,9 @@ Typical use:
     out, ckv = akv.extend(q_t, k_t, v_t, ckv, policy)  # T tokens: q_t [B, N, T, H], k_t, v_t [B, K, T, H]
 """
 
+from akv_jax import decode_rules as decode_rules
 from akv_jax import metrics as metrics
+from akv_jax import policy as policy
 from akv_jax import presets as presets
 from akv_jax import ratios as ratios
 from akv_jax import selection as selection
@@ -36,6 +38,7 @@ from akv_jax.metrics import layer_stats as layer_stats
 from akv_jax.pipeline import compress as compress
 from akv_jax.pipeline import compress_layers as compress_layers
 from akv_jax.pipeline import decompress as decompress
+from akv_jax.policy import Guards as Guards
 from akv_jax.policy import Layout as Layout
 from akv_jax.policy import Policy as Policy
 from akv_jax.quant import QuantSpec as QuantSpec

@@ -15,50 +15,11 @@ import jax.numpy as jnp
 from akv_jax import body as _body
 from akv_jax import selection, validation
 from akv_jax.cache import CompressedKV, DenseKV
-from akv_jax.policy import Layout, Policy, QUERY_SELECTIONS, VOTE_SELECTIONS
+from akv_jax.policy import Layout, Policy
+from akv_jax.selection import Observations
 from akv_jax.quant import quantize
 
 _NEG = -jnp.inf
-
-
-def _scores(policy: Policy, kv: DenseKV, queries: jax.Array | None, votes: jax.Array | None) -> jax.Array | None:
-  """f32[B, K, S] selection scores, or None when every candidate is kept."""
-  match policy.selection:
-    case "none" | "streaming":
-      return None
-    case "snapkv" if votes is not None:
-      return selection.snapkv_scores_from_votes(votes, kv, window=policy.window, kernel_size=policy.kernel_size,
-                                                pooling=policy.pooling, reduce=policy.reduce)
-    case "snapkv":
-      return selection.snapkv_scores(queries[:, :, -policy.window:], kv, window=policy.window,
-                                     kernel_size=policy.kernel_size, pooling=policy.pooling,
-                                     reduce=policy.reduce)
-    case "h2o" if votes is not None:
-      return selection.h2o_scores_from_votes(votes, kv)
-    case "h2o":
-      return selection.h2o_scores(queries, kv)
-    case "tova":
-      return selection.tova_scores(queries[:, :, -1], kv)
-    case "knorm":
-      return selection.knorm_scores(kv)
-  raise ValueError(f"selection={policy.selection!r} is unknown")
-
-
-def _check_observations(policy: Policy, queries, votes, b: int, kh: int, h: int) -> None:
-  """Trace-time checks that the selection gets exactly one usable source of attention statistics."""
-  if votes is not None:
-    if policy.selection not in VOTE_SELECTIONS:
-      raise ValueError(f"votes are read only by selection 'snapkv' or 'h2o', not selection={policy.selection!r}")
-    if queries is not None:
-      raise ValueError("pass queries or votes, not both: the votes already summarize the queries")
-    return
-  if policy.selection in QUERY_SELECTIONS:
-    if queries is None:
-      raise ValueError(f"selection={policy.selection!r} needs observation queries; pass queries=[B, N, W, H]"
-                       + (" or votes=[B, K, S]" if policy.selection in VOTE_SELECTIONS else ""))
-    validation.queries(queries, b, kh, h)
-    if policy.selection == "snapkv" and queries.shape[2] < policy.window:
-      raise ValueError(f"queries hold {queries.shape[2]} tokens, fewer than window={policy.window}")
 
 
 def _take(x: jax.Array, idx: jax.Array, valid: jax.Array) -> jax.Array:
@@ -90,7 +51,7 @@ def _select(policy: Policy, lay: Layout, kv: DenseKV, scores, ws):
   masked = jnp.where(cand, scores, _NEG)
   if lay.paged:
     total = kh * lay.budget_pages * lay.page_size
-    budget = selection.adakv_head_budgets(masked, total, alpha=policy.adakv_alpha, granularity=lay.page_size,
+    budget = selection.adakv_head_budgets(masked, total, alpha=policy.budget.alpha, granularity=lay.page_size,
                                           cap=n)
   else:
     budget = jnp.full((b, kh), n, jnp.int32)
@@ -137,14 +98,26 @@ def _store(x: jax.Array, spec, valid: jax.Array):
   return quantize(x, spec, valid)
 
 
-def _compress(kv: DenseKV, queries, votes, policy: Policy, lay: Layout) -> CompressedKV:
+def _scores(policy: Policy, lay: Layout, kv: DenseKV, obs: Observations) -> jax.Array | None:
+  """f32[B, K, S] selection scores, or None when nothing is selected by score (keep all, or recency only)."""
+  scorer = policy.scorer
+  if scorer is None or scorer.recency_only:
+    return None
+  return scorer.score(kv, obs)
+
+
+def _compress(kv: DenseKV, obs: Observations, policy: Policy, lay: Layout) -> CompressedKV:
   b, kh, s, h = validation.dense(kv, per_row_lengths=True)
-  _check_observations(policy, queries, votes, b, kh, h)
+  if policy.scorer is not None:
+    policy.scorer.check_observations(obs, b, kh, h, s)
+  elif obs.votes is not None:
+    raise ValueError("votes are read only by scorers that take the prefill kernel's votes (Needs.votes), "
+                     "not selection='none'")
   z, u = lay.n_sink, lay.flush
   lengths = jnp.asarray(kv.lengths, jnp.int32)
   ws = jnp.maximum(z, lengths - lay.recent)                       # [B] window start
   w = jnp.maximum(lengths - ws, 0)                                # [B] window tokens
-  scores = _scores(policy, kv, queries, votes)
+  scores = _scores(policy, lay, kv, obs)
   sel_idx, count, budget = _select(policy, lay, kv, scores, ws)
   n = sel_idx.shape[-1]
   kb = (count // u) * u                                          # keys quantized in whole groups
@@ -187,7 +160,8 @@ def _compress(kv: DenseKV, queries, votes, policy: Policy, lay: Layout) -> Compr
     body_pos = jnp.where(_to_pool(vvalid, page_table, pool), body_pos, -1)
 
   h2o = None
-  if policy.selection == "h2o":
+  if policy.decode.accumulates:
+    # The decode rule's state: every kept slot's score so far, grown by akv.observe while decoding.
     h2o = jnp.concatenate([jnp.where(vvalid, _take(scores, body_idx, vvalid), 0.0),
                            jnp.where(rvalid, _take(scores, ridx, rvalid), 0.0)], axis=-1)
   return CompressedKV(
@@ -204,18 +178,22 @@ _compress_jit = jax.jit(_compress, static_argnames=("policy", "lay"))
 
 
 def compress(kv: DenseKV, policy: Policy, *, queries: jax.Array | None = None, votes: jax.Array | None = None,
-             layer: int = 0, num_layers: int = 1, reserve: int = 0) -> CompressedKV:
+             inv_freq: jax.Array | None = None, layer: int = 0, num_layers: int = 1,
+             reserve: int = 0) -> CompressedKV:
   """Compresses one layer's prefill cache (jitted; the policy and the layer's static layout key the compile).
 
   Args:
     kv: DenseKV with k, v [B, K, S, H] and per-row lengths i32[B] (right-padded).
     policy: static Policy.
     queries: [B, N, T, H] observation queries: the last T prompt queries of each row (row b's query t sits at
-      position lengths[b] - T + t). SnapKV/AdaKV/PyramidKV read the last `window`, TOVA the last one, H2O all T.
+      position lengths[b] - T + t). How many a scorer reads is `policy.scorer.needs(S).queries`: SnapKV the
+      last `window`, TOVA the last one, H2O and Expected Attention all T.
     votes: f32[B, K, S] instead of queries, for snapkv and h2o selections: each slot's attention probability
       summed over the observation queries (SnapKV: the last `window`; H2O: all prompt queries) and averaged
       over the G query heads of its kv head, as pallas_kernels.prefill_scores.prefill_attention returns them
       in the same pass as the prefill attention. Pooling and masking are applied here.
+    inv_freq: f32[H / 2] the model's rotary inverse frequencies, for scorers that need them (Expected
+      Attention: `akv_jax.models.inverse_frequencies(config)`).
     layer, num_layers: pick the layer's budget (PyramidKV) and bits (guard layers).
     reserve: number of tokens decoding will append; sizes the body of non-evicting policies.
 
@@ -224,12 +202,15 @@ def compress(kv: DenseKV, policy: Policy, *, queries: jax.Array | None = None, v
   """
   _, _, s, _ = validation.dense(kv, per_row_lengths=True)
   lay = policy.layout(s, layer, num_layers, reserve=reserve)
-  return _compress_jit(kv, queries, votes, policy=policy, lay=lay)
+  obs = Observations(queries=queries, votes=votes,
+                     inv_freq=None if inv_freq is None else jnp.asarray(inv_freq, jnp.float32))
+  return _compress_jit(kv, obs, policy=policy, lay=lay)
 
 
-def compress_layers(kvs, policy: Policy, *, queries=None, votes=None,
+def compress_layers(kvs, policy: Policy, *, queries=None, votes=None, inv_freq=None,
                     reserve: int = 0) -> tuple[CompressedKV, ...]:
-  """Compresses per-layer DenseKV (with per-layer queries, or votes, or None) into a multi-layer cache."""
+  """Compresses per-layer DenseKV (with per-layer queries, or votes, or None; one inv_freq for the model) into a
+  multi-layer cache."""
   num_layers = len(kvs)
   qs = queries if queries is not None else (None,) * num_layers
   vs = votes if votes is not None else (None,) * num_layers
@@ -237,8 +218,8 @@ def compress_layers(kvs, policy: Policy, *, queries=None, votes=None,
     raise ValueError(f"got {len(qs)} query sets for {num_layers} layers")
   if len(vs) != num_layers:
     raise ValueError(f"got {len(vs)} vote sets for {num_layers} layers")
-  return tuple(compress(kv, policy, queries=q, votes=v, layer=i, num_layers=num_layers, reserve=reserve)
-               for i, (kv, q, v) in enumerate(zip(kvs, qs, vs)))
+  return tuple(compress(kv, policy, queries=q, votes=v, inv_freq=inv_freq, layer=i, num_layers=num_layers,
+                        reserve=reserve) for i, (kv, q, v) in enumerate(zip(kvs, qs, vs)))
 
 
 def logical_view(ckv: CompressedKV, dtype=jnp.float32):

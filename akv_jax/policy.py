@@ -1,9 +1,20 @@
 """Policies: one frozen, hashable description of how a layer's cache is compressed.
 
-A policy composes a token selection (which tokens to keep), a budget rule (how many, per layer and per head),
-a quantization spec per layer (how kept tokens are stored) and guard bands (sink tokens, a recent window and
-sensitive layers kept at higher precision). It is a static argument everywhere: changing it recompiles, changing
-a prompt does not.
+A policy composes five parts, each a frozen dataclass that owns its knobs and their validation:
+
+  scorer   which tokens to keep (akv_jax.selection: StreamingLLM, SnapKV, H2O, TOVA, KNorm, Expected
+           Attention, ...; None keeps every token);
+  budget   how many, per layer and head, as a keep fraction (Uniform, Pyramid, AdaKV);
+  keys, values   how kept tokens are stored (QuantSpec, None for bf16);
+  guards   sink tokens, a bf16 recent window, and layers stored at other bits;
+  decode   what decoding does with new tokens (KiviResidual, SlidingWindow, HeavyHitter).
+
+It is a static argument everywhere: changing it recompiles, changing a prompt does not.
+
+    Policy(name="snapkv", scorer=SnapKV(window=32), budget=Uniform(keep=0.25), guards=Guards(recent=32))
+
+The flat keywords of earlier versions (selection="snapkv", keep=0.25, window=32, key_bits=2, ...) are still
+accepted, by the constructor and by dataclasses.replace, and map onto these parts (`LEGACY_FIELDS`).
 
 `Policy.layout(S, layer, num_layers)` turns the policy into the static capacities of one layer's cache. Budgets
 are computed from the cache's static length S (the serving capacity), so rows of a ragged batch share one
@@ -13,19 +24,11 @@ compiled program; a row shorter than S keeps what it has.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
+from akv_jax.decode_rules import DECODE_RULES, DecodeRule, KiviResidual
 from akv_jax.quant import QuantSpec, SUPPORTED_BITS
-from akv_jax.selection import budgets as _budgets
-
-Selection = Literal["none", "streaming", "snapkv", "h2o", "tova", "knorm"]
-BudgetRule = Literal["uniform", "pyramid", "adakv"]
-SELECTIONS = ("none", "streaming", "snapkv", "h2o", "tova", "knorm")
-BUDGET_RULES = ("uniform", "pyramid", "adakv")
-# Selections that need observation queries, and how many of their trailing tokens they read.
-QUERY_SELECTIONS = ("snapkv", "h2o", "tova")
-# Selections whose scores may come as precomputed attention votes (the prefill kernel returns these).
-VOTE_SELECTIONS = ("snapkv", "h2o")
+from akv_jax.selection import base as _scorers
+from akv_jax.selection.budgets import BUDGETS, Budget, Uniform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,110 +55,234 @@ class Layout:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Policy:
-  """A compression policy. All fields are static; see README for each method's paper.
+class Guards:
+  """Guard bands: what is kept at higher precision whatever the scorer and the bits.
 
   Attributes:
-    name: label used in reports.
-    selection: token scoring method; "none" keeps every token.
-    budget: "uniform" (same count every layer and head), "pyramid" (PyramidKV funnel over layers) or "adakv"
-      (head-adaptive inside a layer, stored in a page pool so the layer holds the sum of its head budgets).
-    keep: fraction of the S tokens a layer keeps on average, sinks and recent window included.
     n_sink: first tokens always kept in bf16 (StreamingLLM attention sinks).
-    recent: most recent tokens always kept in bf16 (guard band; KIVI's residual R; includes the SnapKV
-      observation window, which must fit in it).
+    recent: most recent tokens always kept in bf16 (KIVI's residual window; holds the SnapKV observation window).
     recent_frac: recent window as a fraction of S (H2O, StreamingLLM); the window is max(recent, frac * S).
-    window: observation window W: the trailing queries that score tokens (SnapKV, AdaKV, PyramidKV).
-    kernel_size, pooling, reduce: SnapKV smoothing and window reduction.
-    pyramid_beta: PyramidKV funnel steepness.
-    adakv_alpha: AdaKV safeguard share of the uniform budget every head keeps.
-    adakv_cap: most a head may keep, as a multiple of the mean head budget (sizes the page table).
-    key_bits, value_bits: 2, 4, 8, or None for bf16.
-    key_group, value_group: quantization group sizes.
-    key_axis: "channel" (KIVI: a group is `key_group` tokens of one channel) or "token".
-    layer_bits: explicit bits per layer for keys and values (None entries: bf16); overrides the rest.
-    guard_layers: layers (negative counts from the end) stored at guard_bits instead of key/value bits.
-    guard_bits: bits of guard layers (None: bf16).
+    layers: layers (negative counts from the end) stored at `bits` instead of the policy's key/value bits.
+    bits: bits of those layers (None: bf16).
   """
 
-  name: str = "custom"
-  selection: Selection = "none"
-  budget: BudgetRule = "uniform"
-  keep: float = 1.0
   n_sink: int = 4
   recent: int = 32
   recent_frac: float = 0.0
-  window: int = 32
-  kernel_size: int = 7
-  pooling: Literal["max", "avg"] = "max"
-  reduce: Literal["mean", "sum"] = "mean"
-  pyramid_beta: float = 20.0
-  adakv_alpha: float = 0.2
-  adakv_cap: float = 3.0
-  key_bits: int | None = None
-  value_bits: int | None = None
-  key_group: int = 32
-  value_group: int = 32
-  key_axis: Literal["channel", "token"] = "channel"
-  layer_bits: tuple[int | None, ...] | None = None
-  guard_layers: tuple[int, ...] = ()
-  guard_bits: int | None = None
+  layers: tuple[int, ...] = ()
+  bits: int | None = None
 
   def __post_init__(self):
-    if self.selection not in SELECTIONS:
-      raise ValueError(f"selection={self.selection!r} is unknown; use one of {SELECTIONS}")
-    if self.budget not in BUDGET_RULES:
-      raise ValueError(f"budget={self.budget!r} is unknown; use one of {BUDGET_RULES}")
-    if not 0.0 < self.keep <= 1.0:
-      raise ValueError(f"keep={self.keep} must be in (0, 1]")
-    if self.selection == "none" and (self.keep != 1.0 or self.budget != "uniform"):
-      raise ValueError(f"selection='none' keeps every token; keep={self.keep} and budget={self.budget!r} "
-                       "need a selection method")
-    for field in ("n_sink", "recent", "window"):
+    for field in ("n_sink", "recent"):
       if getattr(self, field) < 0:
         raise ValueError(f"{field}={getattr(self, field)} must be >= 0")
     if not 0.0 <= self.recent_frac < 1.0:
       raise ValueError(f"recent_frac={self.recent_frac} must be in [0, 1)")
-    if self.selection in ("snapkv",) and self.window < 1:
-      raise ValueError(f"window={self.window} must be >= 1 for selection={self.selection!r}")
-    if self.window > self.recent and self.selection == "snapkv":
-      raise ValueError(f"window={self.window} must not exceed recent={self.recent}: the observation window "
-                       "is kept in the bf16 recent window")
-    if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-      raise ValueError(f"kernel_size={self.kernel_size} must be odd and >= 1")
-    if self.pooling not in ("max", "avg"):
-      raise ValueError(f"pooling={self.pooling!r} must be 'max' or 'avg'")
-    if self.reduce not in ("mean", "sum"):
-      raise ValueError(f"reduce={self.reduce!r} must be 'mean' or 'sum'")
-    if not 0.0 <= self.adakv_alpha <= 1.0:
-      raise ValueError(f"adakv_alpha={self.adakv_alpha} must be in [0, 1]")
-    if self.adakv_cap < 1.0:
-      raise ValueError(f"adakv_cap={self.adakv_cap} must be >= 1")
-    bit_fields = [("key_bits", self.key_bits), ("value_bits", self.value_bits), ("guard_bits", self.guard_bits)]
-    bit_fields += [(f"layer_bits[{i}]", b) for i, b in enumerate(self.layer_bits or ())]
-    for field, bits in bit_fields:
+    if self.bits is not None and self.bits not in SUPPORTED_BITS:
+      raise ValueError(f"guard_bits={self.bits} is not supported; use one of {SUPPORTED_BITS} or None for bf16")
+
+  def recent_tokens(self, s: int) -> int:
+    return max(self.recent, round(self.recent_frac * s))
+
+
+# Flat keywords of the one-level Policy, and the part each now belongs to.
+LEGACY_FIELDS = {
+    "selection": "scorer (a registered name, or a Scorer)", "window": "scorer (SnapKV.window)",
+    "kernel_size": "scorer (SnapKV.kernel_size)", "pooling": "scorer (SnapKV.pooling)",
+    "reduce": "scorer (SnapKV.reduce)", "keep": "budget (.keep)", "pyramid_beta": "budget (Pyramid.beta)",
+    "adakv_alpha": "budget (AdaKV.alpha)", "adakv_cap": "budget (AdaKV.cap)", "n_sink": "guards",
+    "recent": "guards", "recent_frac": "guards", "guard_layers": "guards (.layers)", "guard_bits": "guards (.bits)",
+    "key_bits": "keys (QuantSpec.bits)", "key_group": "keys (QuantSpec.group)", "key_axis": "keys (QuantSpec.axis)",
+    "value_bits": "values (QuantSpec.bits)", "value_group": "values (QuantSpec.group)",
+}
+_SCORER_KNOBS = {"window": "window", "kernel_size": "kernel_size", "pooling": "pooling", "reduce": "reduce"}
+_BUDGET_KNOBS = {"keep": "keep", "pyramid_beta": "beta", "adakv_alpha": "alpha", "adakv_cap": "cap"}
+_GUARD_KNOBS = {"n_sink": "n_sink", "recent": "recent", "recent_frac": "recent_frac", "guard_layers": "layers",
+                "guard_bits": "bits"}
+
+
+def _check_legacy(legacy: dict) -> None:
+  """Range checks of flat keywords, whether or not the policy's parts read them (the old Policy checked all)."""
+  for field in ("window",):
+    if field in legacy and legacy[field] < 0:
+      raise ValueError(f"{field}={legacy[field]} must be >= 0")
+  if "kernel_size" in legacy and (legacy["kernel_size"] < 1 or legacy["kernel_size"] % 2 == 0):
+    raise ValueError(f"kernel_size={legacy['kernel_size']} must be odd and >= 1")
+  if legacy.get("pooling", "max") not in ("max", "avg"):
+    raise ValueError(f"pooling={legacy['pooling']!r} must be 'max' or 'avg'")
+  if legacy.get("reduce", "mean") not in ("mean", "sum"):
+    raise ValueError(f"reduce={legacy['reduce']!r} must be 'mean' or 'sum'")
+  if not 0.0 <= legacy.get("adakv_alpha", 0.0) <= 1.0:
+    raise ValueError(f"adakv_alpha={legacy['adakv_alpha']} must be in [0, 1]")
+  if legacy.get("adakv_cap", 1.0) < 1.0:
+    raise ValueError(f"adakv_cap={legacy['adakv_cap']} must be >= 1")
+  for field in ("key_bits", "value_bits"):
+    bits = legacy.get(field)
+    if bits is not None and bits not in SUPPORTED_BITS:
+      raise ValueError(f"{field}={bits} is not supported; use one of {SUPPORTED_BITS} or None for bf16")
+  for field in ("key_group", "value_group"):
+    if field in legacy and legacy[field] < 1:
+      raise ValueError(f"{field}={legacy[field]} must be >= 1")
+  if legacy.get("key_axis", "channel") not in ("channel", "token"):
+    raise ValueError(f"key_axis={legacy['key_axis']!r} must be 'channel' or 'token'")
+
+
+def _knobs(obj, legacy: dict, names: dict) -> dict:
+  """The flat keywords that name fields of `obj` (a scorer, budget or guards), renamed to those fields."""
+  fields = {f.name for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else set()
+  return {field: legacy[flat] for flat, field in names.items() if flat in legacy and field in fields}
+
+
+def _spec(old: QuantSpec | None, legacy: dict, prefix: str, axis: str | None) -> QuantSpec | None:
+  """keys / values after the flat keywords key_bits, key_group, key_axis (value_bits, value_group)."""
+  if not any(k.startswith(prefix) for k in legacy):
+    return old
+  bits = legacy[f"{prefix}bits"] if f"{prefix}bits" in legacy else (old.bits if old else None)
+  if bits is None:
+    return None
+  group = legacy.get(f"{prefix}group", old.group if old else 32)
+  return QuantSpec(bits=bits, group=group, axis=axis or legacy.get(f"{prefix}axis", old.axis if old else "channel"))
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class Policy:
+  """A compression policy: the composition of a scorer, a budget rule, key and value storage, guard bands and
+  a decode rule (see the module docstring). All parts are static.
+
+  Attributes:
+    name: label used in reports.
+    scorer: token scorer (akv_jax.selection), or None to keep every token.
+    budget: Uniform, Pyramid or AdaKV, with the keep fraction.
+    keys, values: QuantSpec of the body's keys and values, or None for bf16. Keys are quantized per channel
+      (KIVI) or per token; values always per token.
+    guards: sinks, recent window and guard layers (Guards).
+    decode: the decode rule; default: the scorer's own (`Scorer.decode_rule`), else KiviResidual.
+    layer_bits: explicit bits per layer for keys and values (None entries: bf16); overrides keys, values and
+      guard layers, with their group sizes.
+  """
+
+  name: str = "custom"
+  scorer: _scorers.Scorer | None = None
+  budget: Budget = Uniform()
+  keys: QuantSpec | None = None
+  values: QuantSpec | None = None
+  guards: Guards = Guards()
+  decode: DecodeRule = KiviResidual()
+  layer_bits: tuple[int | None, ...] | None = None
+
+  def __init__(self, *, name: str = "custom", scorer: _scorers.Scorer | str | None = None,
+               budget: Budget | str | None = None, keys: QuantSpec | None = None, values: QuantSpec | None = None,
+               guards: Guards | None = None, decode: DecodeRule | str | None = None,
+               layer_bits: tuple[int | None, ...] | None = None, **legacy):
+    unknown = sorted(set(legacy) - set(LEGACY_FIELDS))
+    if unknown:
+      raise TypeError(f"Policy got unexpected keyword {unknown[0]!r}; its parts are scorer, budget, keys, values, "
+                      "guards, decode and layer_bits")
+    _check_legacy(legacy)
+    if "selection" in legacy:
+      # The flat spelling names the scorer; the decode rule follows it, as it did when it was implied.
+      sel = legacy["selection"]
+      scorer, decode = (None if sel == "none" else sel), None
+    if scorer is not None and not isinstance(scorer, (str, _scorers.Scorer)):
+      raise ValueError(f"scorer={scorer!r} is not a Scorer (akv_jax.selection) or a registered name")
+    if isinstance(scorer, str):
+      if scorer not in _scorers.SCORERS:
+        raise ValueError(f"selection={scorer!r} is unknown; use one of {('none', *_scorers.SCORERS)}")
+      scorer = _scorers.SCORERS[scorer]()
+    if scorer is not None:
+      scorer = dataclasses.replace(scorer, **_knobs(scorer, legacy, _SCORER_KNOBS))
+    if isinstance(budget, str) or budget is None:
+      name_ = budget or "uniform"
+      if name_ not in BUDGETS:
+        raise ValueError(f"budget={name_!r} is unknown; use one of {tuple(BUDGETS)}")
+      budget = BUDGETS[name_]()
+    budget = dataclasses.replace(budget, **_knobs(budget, legacy, _BUDGET_KNOBS))
+    guards = dataclasses.replace(guards or Guards(), **_knobs(guards or Guards(), legacy, _GUARD_KNOBS))
+    keys = _spec(keys, legacy, "key_", None)
+    values = _spec(values, legacy, "value_", "token")
+    if decode is None:
+      decode = DECODE_RULES[scorer.decode_rule if scorer is not None else KiviResidual.name]()
+    elif isinstance(decode, str):
+      if decode not in DECODE_RULES:
+        raise ValueError(f"decode={decode!r} is unknown; use one of {tuple(DECODE_RULES)}")
+      decode = DECODE_RULES[decode]()
+    for field, value in dict(name=name, scorer=scorer, budget=budget, keys=keys, values=values, guards=guards,
+                             decode=decode, layer_bits=None if layer_bits is None else tuple(layer_bits)).items():
+      object.__setattr__(self, field, value)
+    self._validate()
+
+  def _validate(self) -> None:
+    if self.scorer is None and (self.budget.keep != 1.0 or type(self.budget) is not Uniform):
+      raise ValueError(f"selection='none' keeps every token; keep={self.budget.keep} and "
+                       f"budget={self.budget.name!r} need a selection method")
+    if self.scorer is not None:
+      self.scorer.check(recent=self.guards.recent)
+    for i, bits in enumerate(self.layer_bits or ()):
       if bits is not None and bits not in SUPPORTED_BITS:
-        raise ValueError(f"{field}={bits} is not supported; use one of {SUPPORTED_BITS} or None for bf16")
-    if self.key_axis not in ("channel", "token"):
-      raise ValueError(f"key_axis={self.key_axis!r} must be 'channel' or 'token'")
-    for field in ("key_group", "value_group"):
-      if getattr(self, field) < 1:
-        raise ValueError(f"{field}={getattr(self, field)} must be >= 1")
-    if self.evicting and self.quantized:
-      raise ValueError(f"selection={self.selection!r} evicts during decoding and keeps a bf16 body; "
-                       f"key_bits={self.key_bits}, value_bits={self.value_bits} are not supported with it")
-    if self.evicting and self.budget != "uniform":
-      raise ValueError(f"selection={self.selection!r} needs budget='uniform', got {self.budget!r}")
+        raise ValueError(f"layer_bits[{i}]={bits} is not supported; use one of {SUPPORTED_BITS} or None for bf16")
+    if self.values is not None and self.values.axis != "token":
+      raise ValueError(f"values are quantized per token; got values axis {self.values.axis!r}")
+    if self.decode.evicting and self.quantized:
+      raise ValueError(f"selection={self.selection!r} with decode rule {self.decode.name!r} evicts during "
+                       f"decoding and keeps a bf16 body; key_bits={self.key_bits}, value_bits={self.value_bits} "
+                       "are not supported with it")
+    if self.decode.evicting and type(self.budget) is not Uniform:
+      raise ValueError(f"decode rule {self.decode.name!r} (selection={self.selection!r}) needs budget='uniform', "
+                       f"got {self.budget.name!r}")
+
+  # Read-only views in the flat vocabulary (reports, configs and older callers read these).
+  @property
+  def selection(self) -> str:
+    return "none" if self.scorer is None else self.scorer.name
+
+  @property
+  def keep(self) -> float:
+    return self.budget.keep
+
+  @property
+  def window(self) -> int | None:
+    """The scorer's observation window (SnapKV), or None for scorers without one."""
+    return getattr(self.scorer, "window", None)
+
+  @property
+  def n_sink(self) -> int:
+    return self.guards.n_sink
+
+  @property
+  def recent(self) -> int:
+    return self.guards.recent
+
+  @property
+  def key_bits(self) -> int | None:
+    return None if self.keys is None else self.keys.bits
+
+  @property
+  def value_bits(self) -> int | None:
+    return None if self.values is None else self.values.bits
 
   @property
   def evicting(self) -> bool:
     """True for bounded-memory policies that evict during decoding (StreamingLLM, H2O)."""
-    return self.selection in ("streaming", "h2o")
+    return self.decode.evicting
 
   @property
   def quantized(self) -> bool:
-    bits = (self.key_bits, self.value_bits, self.guard_bits, *(self.layer_bits or ()))
+    bits = (self.key_bits, self.value_bits, self.guards.bits, *(self.layer_bits or ()))
     return any(b is not None for b in bits)
+
+  def to_dict(self) -> dict:
+    """A JSON-ready description: each part with its registry name and its knobs."""
+    def part(obj):
+      if obj is None:
+        return None
+      return {"name": obj.name, **dataclasses.asdict(obj)} if hasattr(obj, "name") else dataclasses.asdict(obj)
+    return dict(name=self.name, scorer=part(self.scorer), budget=part(self.budget), keys=part(self.keys),
+                values=part(self.values), guards=dataclasses.asdict(self.guards), decode=part(self.decode),
+                layer_bits=None if self.layer_bits is None else list(self.layer_bits))
+
+  def with_keep(self, keep: float) -> Policy:
+    """The same recipe keeping `keep` of the tokens."""
+    return dataclasses.replace(self, budget=dataclasses.replace(self.budget, keep=keep))
 
   def bits_for(self, layer: int, num_layers: int) -> tuple[int | None, int | None]:
     """(key bits, value bits) of one layer; None means bf16."""
@@ -165,15 +292,24 @@ class Policy:
       if len(self.layer_bits) != num_layers:
         raise ValueError(f"layer_bits has {len(self.layer_bits)} entries for num_layers={num_layers}")
       return self.layer_bits[layer], self.layer_bits[layer]
-    guards = {g % num_layers for g in self.guard_layers if -num_layers <= g < num_layers}
-    if len(guards) != len(self.guard_layers):
-      raise ValueError(f"guard_layers={self.guard_layers} has entries out of range for num_layers={num_layers}")
+    layers = self.guards.layers
+    guards = {g % num_layers for g in layers if -num_layers <= g < num_layers}
+    if len(guards) != len(layers):
+      raise ValueError(f"guard_layers={layers} has entries out of range for num_layers={num_layers}")
     if layer in guards:
-      return self.guard_bits, self.guard_bits
+      return self.guards.bits, self.guards.bits
     return self.key_bits, self.value_bits
 
+  def specs_for(self, layer: int, num_layers: int) -> tuple[QuantSpec | None, QuantSpec | None]:
+    """(key spec, value spec) of one layer: its bits with the policy's group sizes (32 where none is set)."""
+    kbits, vbits = self.bits_for(layer, num_layers)
+    kgroup, kaxis = (self.keys.group, self.keys.axis) if self.keys else (32, "channel")
+    vgroup = self.values.group if self.values else 32
+    return (None if kbits is None else QuantSpec(bits=kbits, group=kgroup, axis=kaxis),
+            None if vbits is None else QuantSpec(bits=vbits, group=vgroup, axis="token"))
+
   def recent_tokens(self, s: int) -> int:
-    return max(self.recent, round(self.recent_frac * s))
+    return self.guards.recent_tokens(s)
 
   def layout(self, s: int, layer: int, num_layers: int, *, reserve: int = 0) -> Layout:
     """Static capacities of layer `layer` for a cache of length S that must absorb `reserve` decoded tokens."""
@@ -181,22 +317,22 @@ class Policy:
       raise ValueError(f"sequence length S={s} must be >= 1")
     if reserve < 0:
       raise ValueError(f"reserve={reserve} must be >= 0")
-    kbits, vbits = self.bits_for(layer, num_layers)
-    key_spec = None if kbits is None else QuantSpec(bits=kbits, group=self.key_group, axis=self.key_axis)
-    value_spec = None if vbits is None else QuantSpec(bits=vbits, group=self.value_group, axis="token")
-    flush = self.key_group if key_spec is not None and key_spec.axis == "channel" else 1
+    key_spec, value_spec = self.specs_for(layer, num_layers)
+    flush = key_spec.group if key_spec is not None and key_spec.axis == "channel" else 1
     z = self.n_sink
-    if self.selection == "streaming":
+    scorer = self.scorer
+    window_only = scorer is not None and scorer.recency_only
+    if window_only:
       budget = max(round(self.keep * s), z + 1)
       recent = budget - z
     else:
       recent = self.recent_tokens(s)
-    if self.selection in ("snapkv",) and self.window > s:
-      raise ValueError(f"window={self.window} is longer than the sequence S={s}")
+    if scorer is not None:
+      scorer.check_length(s)
     candidates = max(0, s - z - recent)
-    if self.selection == "none":
+    if scorer is None:
       selected = candidates
-    elif self.selection == "streaming":
+    elif window_only:
       selected = 0
     else:
       total = round(self.keep * s)
@@ -204,13 +340,8 @@ class Policy:
       if avg < 0:
         raise ValueError(f"keep={self.keep} gives {total} tokens at S={s}, fewer than n_sink={z} plus "
                          f"recent={recent}; raise keep or shrink the guard bands")
-      if self.budget == "pyramid":
-        selected = _budgets.pyramid_budgets(avg + recent, num_layers, window=recent,
-                                            beta=self.pyramid_beta)[layer]
-      else:
-        selected = avg
-      selected = min(selected, candidates)
-    paged = self.budget == "adakv"
+      selected = min(self.budget.layer_selected(avg, recent, layer, num_layers), candidates)
+    paged = self.budget.paged
     # Pages hold whole key groups, and at least 16 slots so the page table stays small next to the pages.
     page_size = flush * -(-16 // flush) if paged else 1
     unit = page_size if paged else flush
@@ -218,12 +349,12 @@ class Policy:
     if paged:
       budget_pages = _round_up(selected, unit) // unit
       reserve_pages = _round_up(reserve, unit) // unit
-      cap_pages = min(max(budget_pages, -(-int(self.adakv_cap * selected) // unit)),
+      cap_pages = min(max(budget_pages, -(-int(self.budget.cap * selected) // unit)),
                       _round_up(candidates, unit) // unit)
       max_pages = max(cap_pages, budget_pages) + reserve_pages
       if max_pages == 0:
-        raise ValueError(f"keep={self.keep} leaves budget='adakv' no body page at S={s} (layer {layer}) and "
-                         "reserve=0: raise keep above the guard bands, or reserve decode room")
+        raise ValueError(f"keep={self.keep} leaves budget={self.budget.name!r} no body page at S={s} (layer "
+                         f"{layer}) and reserve=0: raise keep above the guard bands, or reserve decode room")
       return Layout(z, recent, flush, recent + flush, selected, max_pages * unit, key_spec, value_spec,
                     True, page_size, max_pages, budget_pages, reserve_pages)
     return Layout(z, recent, flush, recent + flush, selected, body, key_spec, value_spec, False, 1, 0, 0, 0)

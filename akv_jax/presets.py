@@ -9,28 +9,38 @@ and layer 0 kept at more bits as a sensitive-layer guard band (a default, not ye
 
 from __future__ import annotations
 
-from akv_jax.policy import Policy
+from akv_jax.policy import Guards, Policy
+from akv_jax.quant import QuantSpec
+from akv_jax.selection import H2O, KNorm, SnapKV, Streaming, TOVA, AdaKV, Pyramid, Uniform
 
-_KIVI = dict(recent=128, key_group=32, value_group=32, key_axis="channel")
+
+def _kivi(bits: int) -> dict:
+  """KIVI storage: keys per channel and values per token, groups of 32."""
+  return dict(keys=QuantSpec(bits=bits, group=32, axis="channel"), values=QuantSpec(bits=bits, group=32, axis="token"))
+
+
+def _guards(recent: int = 128, **kw) -> Guards:
+  return Guards(recent=recent, **kw)
+
 
 PRESETS: dict[str, Policy] = {
     "full": Policy(name="full"),
-    "streaming": Policy(name="streaming", selection="streaming", keep=0.25, n_sink=4),
-    "snapkv": Policy(name="snapkv", selection="snapkv", keep=0.25, window=32, recent=32),
-    "pyramidkv": Policy(name="pyramidkv", selection="snapkv", budget="pyramid", keep=0.25, window=32, recent=32),
-    "adakv": Policy(name="adakv", selection="snapkv", budget="adakv", keep=0.25, window=32, recent=32),
-    "h2o": Policy(name="h2o", selection="h2o", keep=0.2, recent=0, recent_frac=0.1),
-    "tova": Policy(name="tova", selection="tova", keep=0.25, recent=32),
-    "knorm": Policy(name="knorm", selection="knorm", keep=0.25, recent=32),
-    "kivi2": Policy(name="kivi2", key_bits=2, value_bits=2, **_KIVI),
-    "kivi4": Policy(name="kivi4", key_bits=4, value_bits=4, **_KIVI),
-    "hybrid_5x": Policy(name="hybrid_5x", selection="snapkv", keep=0.56, window=32, key_bits=4, value_bits=4,
-                        guard_layers=(0,), guard_bits=8, **_KIVI),
-    "hybrid_8x": Policy(name="hybrid_8x", selection="snapkv", budget="pyramid", keep=0.55, window=32,
-                        key_bits=2, value_bits=2, guard_layers=(0,), guard_bits=4, **_KIVI),
-    "hybrid_12x": Policy(name="hybrid_12x", selection="snapkv", budget="adakv", keep=0.355, window=32,
-                         key_bits=2, value_bits=2, guard_layers=(0,), guard_bits=4,
-                         **{**_KIVI, "recent": 64}),
+    "streaming": Policy(name="streaming", scorer=Streaming(), budget=Uniform(keep=0.25)),
+    "snapkv": Policy(name="snapkv", scorer=SnapKV(window=32), budget=Uniform(keep=0.25), guards=Guards(recent=32)),
+    "pyramidkv": Policy(name="pyramidkv", scorer=SnapKV(window=32), budget=Pyramid(keep=0.25),
+                        guards=Guards(recent=32)),
+    "adakv": Policy(name="adakv", scorer=SnapKV(window=32), budget=AdaKV(keep=0.25), guards=Guards(recent=32)),
+    "h2o": Policy(name="h2o", scorer=H2O(), budget=Uniform(keep=0.2), guards=Guards(recent=0, recent_frac=0.1)),
+    "tova": Policy(name="tova", scorer=TOVA(), budget=Uniform(keep=0.25), guards=Guards(recent=32)),
+    "knorm": Policy(name="knorm", scorer=KNorm(), budget=Uniform(keep=0.25), guards=Guards(recent=32)),
+    "kivi2": Policy(name="kivi2", guards=_guards(), **_kivi(2)),
+    "kivi4": Policy(name="kivi4", guards=_guards(), **_kivi(4)),
+    "hybrid_5x": Policy(name="hybrid_5x", scorer=SnapKV(window=32), budget=Uniform(keep=0.56),
+                        guards=_guards(layers=(0,), bits=8), **_kivi(4)),
+    "hybrid_8x": Policy(name="hybrid_8x", scorer=SnapKV(window=32), budget=Pyramid(keep=0.55),
+                        guards=_guards(layers=(0,), bits=4), **_kivi(2)),
+    "hybrid_12x": Policy(name="hybrid_12x", scorer=SnapKV(window=32), budget=AdaKV(keep=0.355),
+                         guards=_guards(recent=64, layers=(0,), bits=4), **_kivi(2)),
 }
 
 

@@ -49,11 +49,17 @@ def held_bytes(policy: Policy, shape: CacheShape, *, reserve: int = 0, window: i
   b, kh, s, h = shape.batch, shape.kv_heads, shape.s, shape.head_dim
   kv = DenseKV(k=jax.ShapeDtypeStruct((b, kh, s, h), jnp.bfloat16), v=jax.ShapeDtypeStruct((b, kh, s, h), jnp.bfloat16),
                lengths=jax.ShapeDtypeStruct((b,), jnp.int32))
-  q = jax.ShapeDtypeStruct((b, shape.q_heads or kh, min(window, s), h), jnp.bfloat16)
-  needs_q = policy.selection in ("snapkv", "h2o", "tova")
+  needs = policy.scorer.needs(s) if policy.scorer is not None else None
+  t = min(max(window, needs.queries if needs else 0), s)
+  q = jax.ShapeDtypeStruct((b, shape.q_heads or kh, t, h), jnp.bfloat16)
+  obs = {}
+  if needs is not None and needs.queries:
+    obs["queries"] = q
+  if needs is not None and needs.rope:
+    obs["inv_freq"] = jax.ShapeDtypeStruct((h // 2,), jnp.float32)
   return sum(nbytes(jax.eval_shape(
-      lambda kv, q, layer=layer: compress(kv, policy, queries=q if needs_q else None, layer=layer,
-                                          num_layers=shape.num_layers, reserve=reserve), kv, q))
+      lambda kv, obs, layer=layer: compress(kv, policy, layer=layer, num_layers=shape.num_layers,
+                                            reserve=reserve, **obs), kv, obs))
              for layer in range(shape.num_layers))
 
 
@@ -64,9 +70,11 @@ def measured_ratio(policy: Policy, shape: CacheShape) -> float:
 
 def _smallest_keep(policy: Policy, s: int) -> float:
   """The least keep whose budget still covers the sinks and the recent window (Policy.layout's floor)."""
-  floor = policy.n_sink + policy.recent_tokens(s) + (1 if policy.selection == "streaming" else 0)
-  if policy.budget == "adakv":   # a page pool needs at least one page of selected tokens
-    flush = policy.key_group if policy.key_bits is not None and policy.key_axis == "channel" else 1
+  recency_only = policy.scorer is not None and policy.scorer.recency_only
+  floor = policy.n_sink + policy.recent_tokens(s) + (1 if recency_only else 0)
+  if policy.budget.paged:   # a page pool needs at least one page of selected tokens
+    keys = policy.keys
+    flush = keys.group if keys is not None and keys.axis == "channel" else 1
     floor += flush * -(-16 // flush)
   return min(1.0, max(floor, 1) / s)
 
@@ -84,22 +92,22 @@ def fit_keep(policy: Policy, target: float, shape: CacheShape, *, tol: float = 0
     ValueError: the policy selects nothing (no keep to fit), or no keep reaches the target (the guard bands and
       bits alone hold more than target allows), naming the ratio it can reach.
   """
-  if policy.selection == "none":
+  if policy.scorer is None:
     raise ValueError(f"policy {policy.name!r} keeps every token, so keep cannot be fitted; its ratio on this "
                      f"shape is {measured_ratio(policy, shape):.2f}x")
   if target <= 0:
     raise ValueError(f"target={target} must be > 0")
-  ratio = lambda keep: measured_ratio(dataclasses.replace(policy, keep=keep), shape)  # noqa: E731
+  ratio = lambda keep: measured_ratio(policy.with_keep(keep), shape)  # noqa: E731
   lo = _smallest_keep(policy, shape.s)
   best = ratio(lo)
   if best < target * (1 - tol):
     raise ValueError(f"policy {policy.name!r} reaches at most {best:.2f}x on {shape} (keep={lo:.4f}), short of "
                      f"the target {target}x: its guard bands and bits hold too much for this shape")
   if best <= target * (1 + tol):
-    return dataclasses.replace(policy, keep=lo)
+    return policy.with_keep(lo)
   hi = 1.0
   if ratio(hi) >= target:
-    return dataclasses.replace(policy, keep=hi)
+    return policy.with_keep(hi)
   # Invariant: ratio(lo) >= target > ratio(hi). Stop once ratio(lo) is within tol above the target.
   for _ in range(iterations):
     mid = math.floor((lo + hi) / 2 * 1e6) / 1e6
@@ -112,4 +120,4 @@ def fit_keep(policy: Policy, target: float, shape: CacheShape, *, tol: float = 0
         break
     else:
       hi = mid
-  return dataclasses.replace(policy, keep=lo)
+  return policy.with_keep(lo)

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
   def score(policy: akv.Policy) -> dict:
     if policy.name not in evaluated:
       e = model_eval.accuracy(config, params, policy, prompts, progress=progress)
-      evaluated[policy.name] = dict(policy=dataclasses.asdict(policy), ratio=round(e["compression_ratio"], 3),
+      evaluated[policy.name] = dict(policy=policy.to_dict(), ratio=round(e["compression_ratio"], 3),
                                     average=e["accuracy"][str(length)]["average"], accuracy=e["accuracy"])
     return evaluated[policy.name]
 

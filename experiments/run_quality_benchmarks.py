@@ -19,7 +19,6 @@ The compression ratio of a policy is over all layers: sum of bf16 dense bytes / 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import pathlib
@@ -149,7 +148,7 @@ def evaluate_policy(artifact: dict[str, Any], policy: akv.Policy, *, progress: t
   dense_bytes = sum(x["dense_bf16_bytes"] for x in layers)
   return {
       "name": policy.name,
-      "policy": dataclasses.asdict(policy),
+      "policy": policy.to_dict(),
       "bytes": total_bytes,
       "dense_bf16_bytes": dense_bytes,
       "compression_ratio": dense_bytes / total_bytes,

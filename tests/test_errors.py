@@ -49,12 +49,52 @@ SNAP = akv.Policy(selection="snapkv", keep=0.5, recent=32, window=32)
     (dict(key_axis="head"), "key_axis='head' must be 'channel' or 'token'"),
     (dict(key_group=0), "key_group=0 must be >= 1"),
     (dict(value_group=-1), "value_group=-1 must be >= 1"),
-    (dict(selection="h2o", keep=0.2, key_bits=2), "selection='h2o' evicts during decoding and keeps a bf16 body"),
-    (dict(selection="streaming", keep=0.2, budget="pyramid"), "selection='streaming' needs budget='uniform'"),
+    (dict(selection="h2o", keep=0.2, key_bits=2),
+     "selection='h2o' with decode rule 'heavy_hitter' evicts during decoding and keeps a bf16 body"),
+    (dict(selection="streaming", keep=0.2, budget="pyramid"),
+     r"decode rule 'sliding_window' \(selection='streaming'\) needs budget='uniform'"),
+    # The composed spelling.
+    (dict(scorer="magic"), "selection='magic' is unknown"),
+    (dict(scorer=akv.selection.SnapKV(), decode="teleport"), "decode='teleport' is unknown"),
+    (dict(scorer=akv.selection.TOVA(), budget=akv.selection.Uniform(keep=0.5), decode="sliding_window",
+          keys=akv.QuantSpec(bits=4)), "with decode rule 'sliding_window' evicts during decoding"),
+    (dict(scorer=42), "scorer=42 is not a Scorer"),
+    (dict(values=akv.QuantSpec(bits=2, axis="channel")), "values are quantized per token"),
+    (dict(budget=akv.selection.Uniform(keep=0.5)), "selection='none' keeps every token; keep=0.5"),
 ])
 def test_policy_settings(kwargs, match):
   with pytest.raises(ValueError, match=match):
     akv.Policy(**kwargs)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: akv.selection.Uniform(keep=0.0), r"keep=0.0 must be in \(0, 1\]"),
+    (lambda: akv.selection.Pyramid(keep=0.5, beta=0.0), "pyramid_beta=0.0 must be > 0"),
+    (lambda: akv.selection.AdaKV(keep=0.5, alpha=-0.1), r"adakv_alpha=-0.1 must be in \[0, 1\]"),
+    (lambda: akv.selection.AdaKV(keep=0.5, cap=0.9), "adakv_cap=0.9 must be >= 1"),
+    (lambda: akv.selection.SnapKV(window=0), "window=0 must be >= 1 for selection='snapkv'"),
+    (lambda: akv.selection.SnapKV(kernel_size=2), "kernel_size=2 must be odd"),
+    (lambda: akv.selection.SnapKV(pooling="min"), "pooling='min' must be 'max' or 'avg'"),
+    (lambda: akv.selection.SnapKV(reduce="median"), "reduce='median' must be 'mean' or 'sum'"),
+    (lambda: akv.selection.ExpectedAttention(future=0), "future=0 must be >= 1"),
+    (lambda: akv.selection.ExpectedAttention(n_sink=-1), "n_sink=-1 must be >= 0"),
+    (lambda: akv.selection.ExpectedAttention(epsilon=-1.0), "epsilon=-1.0 must be >= 0"),
+    (lambda: akv.policy.Guards(n_sink=-1), "n_sink=-1 must be >= 0"),
+    (lambda: akv.policy.Guards(bits=3), "guard_bits=3 is not supported"),
+    (lambda: akv.selection.scorer("magic"), "selection='magic' is unknown"),
+    (lambda: akv.selection.register(int), "register expects a Scorer subclass"),
+    (lambda: akv.selection.register(type("Nameless", (akv.selection.Scorer,), {})), "scorer Nameless has no name"),
+    (lambda: akv.selection.register(type("Snap2", (akv.selection.Scorer,), {"name": "snapkv"})),
+     "a scorer named 'snapkv' is already registered"),
+])
+def test_part_settings(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_unknown_policy_keyword_names_the_parts():
+  with pytest.raises(TypeError, match="unexpected keyword 'windw'; its parts are scorer, budget"):
+    akv.Policy(windw=3)
 
 
 def test_layer_errors():
@@ -110,7 +150,7 @@ def test_query_errors(kv, q_obs):
 
 def test_vote_errors(kv, q_obs):
   votes = jnp.ones((B, K, S), jnp.float32)
-  with pytest.raises(ValueError, match="votes are read only by selection 'snapkv' or 'h2o', not selection='knorm'"):
+  with pytest.raises(ValueError, match=r"votes are read only by scorers that take the prefill kernel's votes \(Needs.votes\), not selection='knorm'"):
     akv.compress(kv, dataclasses.replace(SNAP, selection="knorm"), votes=votes)
   with pytest.raises(ValueError, match="pass queries or votes, not both"):
     akv.compress(kv, SNAP, queries=q_obs, votes=votes)
@@ -121,7 +161,7 @@ def test_vote_errors(kv, q_obs):
     akv.compress(kv, dataclasses.replace(SNAP, selection="h2o"), votes=votes[:1])
   with pytest.raises(ValueError, match="window=128 is longer than the sequence S=96"):
     akv.compress(kv, dataclasses.replace(SNAP, window=128, recent=128), votes=votes)
-  with pytest.raises(ValueError, match=r"needs observation queries; pass queries=\[B, N, W, H\] or votes"):
+  with pytest.raises(ValueError, match=r"needs observation queries; pass queries=\[B, N, T, H\] or votes"):
     akv.compress(kv, dataclasses.replace(SNAP, selection="h2o"))
   with pytest.raises(ValueError, match="got 1 vote sets for 2 layers"):
     akv.compress_layers([kv, kv], SNAP, votes=[votes])

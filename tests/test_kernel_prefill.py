@@ -20,7 +20,7 @@ import pytest
 from akv_jax.cache import DenseKV
 from akv_jax.models.llama import _causal_attn
 from akv_jax.testing import last_queries
-from akv_jax.selection.scores import h2o_scores, snapkv_scores
+from akv_jax.selection import h2o_scores, snapkv_scores
 from pallas_kernels import lowering
 from pallas_kernels.prefill_scores import prefill_attention, prefill_attention_reference
 

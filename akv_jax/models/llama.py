@@ -25,7 +25,7 @@ import numpy as np
 import akv_jax as akv
 from akv_jax.cache import CompressedKV, DenseKV
 from akv_jax.decode import check_implementation
-from akv_jax.models.config import LlamaConfig, apply_rope
+from akv_jax.models.config import LlamaConfig, apply_rope, inverse_frequencies
 from akv_jax.policy import Policy
 
 # attn_fn(layer, q [B, T, N, H], k [B, T, K, H], v [B, T, K, H]) -> (o [B, T, N, H], aux)
@@ -166,15 +166,22 @@ def _last_queries(q: jax.Array, lengths: jax.Array, t: int) -> jax.Array:
   return out.transpose(0, 2, 1, 3)
 
 
-def _observation_length(policy: Policy, s: int) -> int | None:
-  match policy.selection:
-    case "snapkv":
-      return policy.window
-    case "tova":
-      return 1
-    case "h2o":
-      return s
-  return None
+def _needs(policy: Policy, s: int) -> akv.selection.Needs:
+  """What the policy's scorer reads from the prompt pass (nothing when it keeps every token)."""
+  return akv.selection.Needs() if policy.scorer is None else policy.scorer.needs(s)
+
+
+def _observations(config: LlamaConfig, needs: akv.selection.Needs, q, lengths, s: int, votes) -> dict:
+  """compress's observation keywords for one layer: the prefill kernel's votes when it computed them, else the
+  last queries the scorer asks for, and the rotary frequencies when it needs them."""
+  obs = {}
+  if votes is not None:
+    obs["votes"] = votes
+  elif needs.queries:
+    obs["queries"] = _last_queries(q, lengths, min(needs.queries, s))
+  if needs.rope:
+    obs["inv_freq"] = jnp.asarray(inverse_frequencies(config))
+  return obs
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -229,8 +236,9 @@ def _fused_attn(interpret: bool, policy: Policy):
 
   def attn(layer, q, k, v, lengths):
     del layer
-    window = min(policy.window, q.shape[1]) if policy.selection == "snapkv" else 0
-    h2o = policy.selection == "h2o"
+    needs = _needs(policy, q.shape[1])
+    window = min(needs.queries, q.shape[1]) if needs.votes == "window" else 0
+    h2o = needs.votes == "all"
     o, window_votes, h2o_votes = prefill_scores.prefill_attention(q, k, v, lengths, window=window, h2o=h2o,
                                                                   interpret=interpret)
     return o, window_votes if window else h2o_votes
@@ -258,15 +266,14 @@ def _prefill(config: LlamaConfig, params, tokens, lengths, policy: Policy, reser
   b, s = tokens.shape
   lengths = jnp.asarray(lengths, jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  n_obs = _observation_length(policy, s)
+  needs = _needs(policy, s)
   causal_attn = _prefill_attention(config, implementation, interpret, policy)
 
   def attn(layer, q, k, v):
     o, votes = causal_attn(layer, q, k, v, lengths)
     kv = DenseKV(k=k.transpose(0, 2, 1, 3), v=v.transpose(0, 2, 1, 3), lengths=lengths)
-    q_obs = None if n_obs is None or votes is not None else _last_queries(q, lengths, min(n_obs, s))
-    ckv = akv.compress(kv, policy, queries=q_obs, votes=votes, layer=layer, num_layers=config.num_layers,
-                       reserve=reserve)
+    ckv = akv.compress(kv, policy, layer=layer, num_layers=config.num_layers, reserve=reserve,
+                       **_observations(config, needs, q, lengths, s, votes))
     return o, ckv
 
   hidden, cache = model.apply({"params": params}, tokens, positions, attn)
@@ -274,10 +281,12 @@ def _prefill(config: LlamaConfig, params, tokens, lengths, policy: Policy, reser
   return model.apply({"params": params}, last, method=Llama.logits), cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "window", "h2o"))
-def _capture_for_compress(config: LlamaConfig, params, tokens, lengths, window: int, h2o: bool):
-  """One prompt pass keeping, per layer, what compress reads: the DenseKV, the last `window` queries and (h2o)
-  the H2O votes of all prompt queries, computed here as compress would compute them from the queries."""
+@functools.partial(jax.jit, static_argnames=("config", "window", "h2o", "all_queries"))
+def _capture_for_compress(config: LlamaConfig, params, tokens, lengths, window: int, h2o: bool,
+                          all_queries: bool):
+  """One prompt pass keeping, per layer, what compress reads: the DenseKV, the last `window` queries, (h2o) the
+  H2O votes of all prompt queries, computed here as compress would compute them from the queries, and
+  (all_queries) every prompt query, for scorers that read them all and take no votes."""
   model = Llama(config)
   b, s = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
@@ -287,7 +296,8 @@ def _capture_for_compress(config: LlamaConfig, params, tokens, lengths, window: 
     kv = DenseKV(k=k.transpose(0, 2, 1, 3), v=v.transpose(0, 2, 1, 3), lengths=lengths)
     q_obs = _last_queries(q, lengths, min(window, s)) if window else None
     votes = akv.selection.h2o_scores(_last_queries(q, lengths, s), kv) if h2o else None
-    return o, (kv, q_obs, votes)
+    q_all = _last_queries(q, lengths, s) if all_queries else None
+    return o, (kv, q_obs, votes, q_all)
 
   hidden, per_layer = model.apply({"params": params}, tokens, positions, attn)
   last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
@@ -337,21 +347,30 @@ def prefill_many(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Ar
   _check_tokens(config, tokens, lengths)
   _check_capacity(config, tokens.shape[1], reserve)
   s = tokens.shape[1]
-  window = max((n for n in (_observation_length(p, s) for p in policies if p.selection != "h2o") if n), default=0)
-  h2o = any(p.selection == "h2o" for p in policies)
+  needs = {pol: _needs(pol, s) for pol in policies}
+  # Every prompt query is kept per layer only for a scorer that reads them all and takes no votes (H2O's
+  # votes stand in for its queries).
+  reads_all = {pol: n.queries >= s and n.votes != "all" for pol, n in needs.items()}
+  window = max((n.queries for pol, n in needs.items() if n.votes != "all" and not reads_all[pol]), default=0)
+  h2o = any(n.votes == "all" for n in needs.values())
   lengths = jnp.asarray(lengths, jnp.int32)
-  logits, per_layer = _capture_for_compress(config, params, tokens, lengths, window, h2o)
+  logits, per_layer = _capture_for_compress(config, params, tokens, lengths, window, h2o,
+                                            any(reads_all.values()))
   caches = []
   for pol in policies:
-    n_obs = _observation_length(pol, s)
+    need = needs[pol]
     layers = []
-    for layer, (kv, q_obs, votes) in enumerate(per_layer):
-      if pol.selection == "h2o":
+    for layer, (kv, q_obs, votes, q_all) in enumerate(per_layer):
+      if need.votes == "all":
         obs = dict(votes=votes)
-      elif n_obs is None:
+      elif reads_all[pol]:
+        obs = dict(queries=q_all)
+      elif not need.queries:
         obs = {}
       else:
-        obs = dict(queries=q_obs[:, :, q_obs.shape[2] - min(n_obs, s):])
+        obs = dict(queries=q_obs[:, :, q_obs.shape[2] - min(need.queries, s):])
+      if need.rope:
+        obs["inv_freq"] = jnp.asarray(inverse_frequencies(config))
       layers.append(akv.compress(kv, pol, layer=layer, num_layers=config.num_layers, reserve=reserve, **obs))
     caches.append(tuple(layers))
   return logits, tuple(caches)

@@ -4,11 +4,16 @@ Axis legend: B batch, K kv heads, S key length, L layers, C average per-head bud
 
 Layer budgets are static Python ints (they fix array shapes). Head budgets are i32 arrays computed from the
 scores; their knobs (total, alpha, granularity, cap) are static Python values, validated before tracing.
+
+A policy holds one budget rule, a frozen dataclass owning the keep fraction and its own knobs: `Uniform`,
+`Pyramid` (PyramidKV) or `AdaKV`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -191,3 +196,72 @@ def _allocate(scores: jax.Array, available: jax.Array, alpha: jax.Array, granula
   heads_by_remainder = jnp.argsort(-remainder, axis=1, stable=True)
   units = base + _level_fill(deficit, upper - base, heads_by_remainder)
   return (units * granularity).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """Base of the budget rules. `keep` is the fraction of the S tokens a layer keeps on average, sinks and recent
+  window included.
+
+  Class attributes:
+    name: registry name (`Policy(budget=name)`).
+    paged: heads of a layer keep different counts, so the body lives in a shared page pool.
+  """
+
+  name: ClassVar[str] = ""
+  paged: ClassVar[bool] = False
+  keep: float = 1.0
+
+  def __post_init__(self):
+    if not 0.0 < self.keep <= 1.0:
+      raise ValueError(f"keep={self.keep} must be in (0, 1]")
+
+  def layer_selected(self, avg: int, recent: int, layer: int, num_layers: int) -> int:
+    """Selected tokens per head of `layer` when a layer keeps `avg` on average besides sinks and window."""
+    del recent, layer, num_layers
+    return avg
+
+
+@dataclasses.dataclass(frozen=True)
+class Uniform(Budget):
+  """The same count in every layer and head."""
+
+  name = "uniform"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pyramid(Budget):
+  """PyramidKV's funnel over layers (`pyramid_budgets`), `beta` its flatness."""
+
+  name = "pyramid"
+  beta: float = 20.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.beta <= 0:
+      raise ValueError(f"pyramid_beta={self.beta} must be > 0")
+
+  def layer_selected(self, avg: int, recent: int, layer: int, num_layers: int) -> int:
+    return pyramid_budgets(avg + recent, num_layers, window=recent, beta=self.beta)[layer]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaKV(Budget):
+  """AdaKV: head-adaptive counts inside a layer (`adakv_head_budgets`), stored in a page pool so a layer holds
+  the sum of its heads' budgets. `alpha` is the safeguard share of the uniform budget every head keeps, `cap`
+  the most a head may keep as a multiple of the mean head budget (it sizes the page table)."""
+
+  name = "adakv"
+  paged = True
+  alpha: float = 0.2
+  cap: float = 3.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not 0.0 <= self.alpha <= 1.0:
+      raise ValueError(f"adakv_alpha={self.alpha} must be in [0, 1]")
+    if self.cap < 1.0:
+      raise ValueError(f"adakv_cap={self.cap} must be >= 1")
+
+
+BUDGETS: dict[str, type[Budget]] = {cls.name: cls for cls in (Uniform, Pyramid, AdaKV)}
