@@ -22,13 +22,12 @@ run: setup
 
 # Four processes: the Pallas kernel tests (interpret mode, CUDA lowering), the real-model tests, the model and
 # extend tests, and the rest, so no run's compiled-program state grows into another's (one process for all of the
-# last three crashed in XLA's compiler, on a test that passes alone).
-KERNEL_TESTS := tests/test_kernel_decode.py tests/test_kernel_prefill.py tests/test_kernel_quantize.py \
-  tests/test_lowering.py tests/test_fused_attention.py tests/test_paging.py tests/test_model_kernels.py \
-  tests/test_kernel_cost.py
-REAL_TESTS := tests/test_gguf.py tests/test_text_tasks.py tests/test_run_real.py tests/test_bench_real_speed.py \
-  tests/test_bench_peers.py
-MODEL_TESTS := tests/test_models.py tests/test_extend.py
+# last three crashed in XLA's compiler, on a test that passes alone). Tests live in folders by layer: library,
+# kernels, models, experiments.
+KERNEL_TESTS := tests/kernels
+REAL_TESTS := tests/models/test_gguf.py tests/models/test_text_tasks.py tests/experiments/test_run_real.py \
+  tests/experiments/test_bench_real_speed.py tests/experiments/test_bench_peers.py
+MODEL_TESTS := tests/models/test_models.py tests/library/test_extend.py
 test: setup
 	$(PY) -m pytest $(KERNEL_TESTS)
 	$(PY) -m pytest $(REAL_TESTS)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from akv_jax import body as _body
 from akv_jax import chunked as _chunked
+from akv_jax import dispatch
 from akv_jax import fused as _fused
 from akv_jax import validation
 from akv_jax.cache import CompressedKV
@@ -98,34 +99,32 @@ def attend(q: jax.Array, ckv: CompressedKV, *, scale: float | None = None, retur
     scale: softmax scale, default 1/sqrt(H).
     return_probs: also return f32[B, K, M + R], each body and recent slot's attention averaged over the G query
       heads (feed it to `observe` for H2O).
-    implementation: "reference" (the plain-jnp definition: dequantize everything, two einsums), "xla" (for
-      one query token without probabilities, akv_jax.chunked: the body a chunk at a time with an online
-      softmax, codes unpacked per sub-block; otherwise the reference), "pallas" (the fused kernel of
-      pallas_kernels.decode_attention: one query token, no probabilities, keys quantized per channel and
-      values per token or bf16), or None: Pallas on a GPU when the call is one it handles, "xla" otherwise.
-      Asking for "pallas" where it cannot run raises; it never falls back silently.
+    implementation: "reference" (the plain-jnp definition: dequantize everything, two einsums), "xla"
+      (akv_jax.chunked: the body a chunk at a time with an online softmax, codes unpacked per sub-block; one
+      query token, no probabilities), "pallas" (the fused kernel of pallas_kernels.decode_attention: one query
+      token, no probabilities, keys quantized per channel and values per token or bf16), or None: Pallas on a
+      GPU when the call is one it handles, else "xla" when it handles it, else the reference
+      (akv_jax.dispatch). An explicit value that cannot run this call raises; nothing falls back silently.
     interpret: run the Pallas kernel in interpret mode (how it is tested on CPU).
 
   Returns:
     [B, N, H] (or [B, N, T, H]) in q's dtype, and the probabilities when asked.
   """
-  match implementation:
-    case None:
-      use_pallas = jax.default_backend() == "gpu" and _fused.supported(q, ckv, return_probs)
-    case "xla" | "reference":
-      use_pallas = False
+  dispatch.check(implementation, interpret)
+  b, kh, h = validation.compressed(ckv)
+  validation.queries(q, b, kh, h, name="q", ranks=(3, 4))
+  if q.ndim == 4:
+    xla_why = f"the chunked path attends one query token per row (q [B, N, H]), got q of shape {q.shape}"
+  elif return_probs:
+    xla_why = "the chunked path does not return per-slot probabilities (H2O)"
+  else:
+    xla_why = None
+  match dispatch.resolve(implementation, interpret, op="attend", pallas_why=_fused.why_unsupported(
+      q, ckv, return_probs) if implementation in (None, "pallas") else None, xla_why=xla_why):
     case "pallas":
-      if jax.default_backend() != "gpu" and not interpret:
-        raise ValueError(f"implementation='pallas' needs a GPU (this backend is {jax.default_backend()!r}); "
-                         "pass interpret=True to run the kernel in interpret mode, or use implementation='xla'")
-      _fused.check_supported(q, ckv, return_probs)
-      use_pallas = True
-    case _:
-      raise ValueError(f"implementation={implementation!r} is not one of None, 'xla', 'pallas', 'reference'")
-  if use_pallas:
-    return _fused.attend(q, ckv, scale=scale, interpret=interpret)
-  if implementation != "reference" and q.ndim == 3 and not return_probs:
-    return _chunked.attend(q, ckv, scale=scale)   # validates ckv and q itself
+      return _fused.attend(q, ckv, scale=scale, interpret=interpret)
+    case "xla":
+      return _chunked.attend(q, ckv, scale=scale)   # validates ckv and q itself
   return _attend(q, ckv, scale, return_probs)
 
 

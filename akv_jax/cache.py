@@ -180,10 +180,6 @@ class CompressedKV:
     return self.sink_fill[:, None] + self.key_fill + self.recent_fill
 
 
-# A multi-layer cache: one CompressedKV per layer, a tuple because budgets (so shapes) differ by layer.
-LayeredKV = tuple[CompressedKV, ...]
-
-
 def nbytes(tree) -> int:
   """Bytes actually held by every array in a cache pytree (any of the types above, or a tuple of them)."""
   return int(sum(np.prod(x.shape, dtype=np.int64) * jnp.dtype(x.dtype).itemsize

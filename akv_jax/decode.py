@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from akv_jax import body as _body
-from akv_jax import validation
+from akv_jax import dispatch, validation
 from akv_jax.cache import CompressedKV, QuantizedTensor
 from akv_jax.policy import Policy
 from akv_jax.quant import quantize, spec_of
@@ -166,19 +166,10 @@ def _flush_unit(ckv: CompressedKV) -> int:
   return body_k.group if isinstance(body_k, QuantizedTensor) and body_k.axis == "channel" else 1
 
 
-def check_implementation(implementation: str | None, interpret: bool) -> None:
-  """The append-side half of the kernel dispatch: what can be told before any quantization is traced."""
-  if implementation not in (None, "xla", "pallas"):
-    raise ValueError(f"implementation={implementation!r} is not one of None, 'xla', 'pallas'")
-  if implementation == "pallas" and jax.default_backend() != "gpu" and not interpret:
-    raise ValueError(f"implementation='pallas' needs a GPU (this backend is {jax.default_backend()!r}); "
-                     "pass interpret=True, or use implementation='xla'")
-
-
 def _append(ckv: CompressedKV, k_t: jax.Array, v_t: jax.Array, policy: Policy, implementation: str | None = None,
             interpret: bool = False, score: jax.Array | None = None, rows: jax.Array | None = None) -> CompressedKV:
   """append's body; rows bool[B] (default all) are the rows that take the token, the others are left as they are."""
-  check_implementation(implementation, interpret)
+  dispatch.check(implementation, interpret)
   impl = (implementation, interpret)
   validation.compressed(ckv)
   validation.token(k_t, ckv, "k_t")

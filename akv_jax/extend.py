@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from akv_jax import validation
 from akv_jax.attention import cache_slots
 from akv_jax.cache import CompressedKV
-from akv_jax.decode import _append, check_implementation
+from akv_jax import dispatch
+from akv_jax.decode import _append
 from akv_jax.policy import Policy
 
 _MASKED = -1e30
@@ -78,7 +79,7 @@ def _attention(q, k, v, ckv: CompressedKV, counts, scale: float):
 
 
 def _extend(q, k, v, ckv: CompressedKV, policy: Policy, counts, scale, implementation, interpret):
-  check_implementation(implementation, interpret)
+  dispatch.check(implementation, interpret)
   b, _, _, t, h = _check(q, k, v, ckv, counts)
   counts = jnp.full((b,), t, jnp.int32) if counts is None else jnp.asarray(counts, jnp.int32)
   scale = 1.0 / math.sqrt(h) if scale is None else scale

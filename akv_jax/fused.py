@@ -40,17 +40,26 @@ def body_format(ckv: CompressedKV) -> _da.Format:
 def check_supported(q: jax.Array, ckv: CompressedKV, return_probs: bool) -> None:
   """ValueError naming what the fused kernel cannot do for this call."""
   if q.ndim != 3:
-    raise ValueError(f"implementation='pallas' attends one query token per row (q [B, N, H]); got q of shape "
-                     f"{q.shape}; use implementation='xla' for several query tokens")
+    raise ValueError(f"the kernel attends one query token per row (q [B, N, H]); got q of shape {q.shape}; use "
+                     "implementation='reference' for several query tokens")
   if return_probs:
-    raise ValueError("implementation='pallas' does not return per-slot probabilities (H2O); use "
-                     "implementation='xla' with return_probs=True")
+    raise ValueError("the kernel does not return per-slot probabilities (H2O); use implementation='reference' "
+                     "with return_probs=True")
   body_format(ckv)
   h = ckv.head_dim
   for name, t in (("keys", ckv.body_k), ("values", ckv.body_v)):
     if isinstance(t, QuantizedTensor) and h // (8 // t.bits) < 16:
       raise ValueError(f"head dim {h} is too small for the Pallas kernel with {t.bits}-bit {name} (each packed "
                        "sub-block needs >= 16 channels)")
+
+
+def why_unsupported(q: jax.Array, ckv: CompressedKV, return_probs: bool) -> str | None:
+  """Why the fused kernel cannot run this call, or None when it can."""
+  try:
+    check_supported(q, ckv, return_probs)
+  except ValueError as e:
+    return str(e)
+  return None
 
 
 def supported(q: jax.Array, ckv: CompressedKV, return_probs: bool) -> bool:

@@ -108,8 +108,8 @@ def _check_legacy(legacy: dict) -> None:
       raise ValueError(f"{field}={legacy[field]} must be >= 0")
   if "kernel_size" in legacy and (legacy["kernel_size"] < 1 or legacy["kernel_size"] % 2 == 0):
     raise ValueError(f"kernel_size={legacy['kernel_size']} must be odd and >= 1")
-  if legacy.get("pooling", "max") not in ("max", "avg"):
-    raise ValueError(f"pooling={legacy['pooling']!r} must be 'max' or 'avg'")
+  if legacy.get("pooling", "max") not in ("max", "avg", "kvpress"):
+    raise ValueError(f"pooling={legacy['pooling']!r} must be one of ('max', 'avg', 'kvpress')")
   if legacy.get("reduce", "mean") not in ("mean", "sum"):
     raise ValueError(f"reduce={legacy['reduce']!r} must be 'mean' or 'sum'")
   if not 0.0 <= legacy.get("adakv_alpha", 0.0) <= 1.0:

@@ -1,5 +1,5 @@
 """Named policies. A preset named N-x measures between 0.97N and 1.15N with `compression_ratio` at S = 8192 and
-S = 32768 (H = 128, 32 layers, bf16 input), which tests/test_presets.py checks from the held arrays.
+S = 32768 (H = 128, 32 layers, bf16 input), which tests/library/test_presets.py checks from the held arrays.
 
 Hybrid presets follow MiniKV's recipe (select once at prefill, then KIVI 2-bit) with this library's guard bands:
 4 bf16 sinks, a 128-token bf16 recent window (KIVI's residual; 64 for hybrid_12x, where its fixed cost
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from akv_jax.policy import Guards, Policy
 from akv_jax.quant import QuantSpec
-from akv_jax.selection import H2O, KNorm, SnapKV, Streaming, TOVA, AdaKV, Pyramid, Uniform
+from akv_jax.selection import H2O, TOVA, AdaKV, ExpectedAttention, KNorm, Pyramid, SnapKV, Streaming, Uniform
 
 
 def _kivi(bits: int) -> dict:
@@ -33,6 +33,8 @@ PRESETS: dict[str, Policy] = {
     "h2o": Policy(name="h2o", scorer=H2O(), budget=Uniform(keep=0.2), guards=Guards(recent=0, recent_frac=0.1)),
     "tova": Policy(name="tova", scorer=TOVA(), budget=Uniform(keep=0.25), guards=Guards(recent=32)),
     "knorm": Policy(name="knorm", scorer=KNorm(), budget=Uniform(keep=0.25), guards=Guards(recent=32)),
+    "expected_attention": Policy(name="expected_attention", scorer=ExpectedAttention(), budget=Uniform(keep=0.25),
+                                 guards=Guards(recent=32)),
     "kivi2": Policy(name="kivi2", guards=_guards(), **_kivi(2)),
     "kivi4": Policy(name="kivi4", guards=_guards(), **_kivi(4)),
     "hybrid_5x": Policy(name="hybrid_5x", scorer=SnapKV(window=32), budget=Uniform(keep=0.56),

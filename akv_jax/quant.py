@@ -21,6 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from akv_jax import dispatch
 from akv_jax.cache import QuantAxis, QuantizedTensor
 from pallas_kernels import quantize as _kernel
 
@@ -115,27 +116,14 @@ def quantize(x: jax.Array, spec: QuantSpec, valid: jax.Array | None = None, *, i
     spec: bits, group and axis.
     valid: bool[..., S] or None. Invalid tokens (padding, empty slots) never enter a group's min/max; their
       codes are 0. A group with no valid token gets scale 0 and zero 0.
-    implementation: "xla" (this function's jnp code), "pallas" (pallas_kernels.quantize_pack, bit-identical,
-      for x [B, K, S, H] with every token valid: valid=None), or None: Pallas on a GPU where it applies, XLA
-      otherwise (decode.append's per-token and per-group writes qualify). An explicit "pallas" that cannot run
-      raises.
+    implementation: "reference" or "xla" (both this function's jnp code), "pallas" (pallas_kernels.quantize_pack,
+      bit-identical, for x [B, K, S, H] with every token valid: valid=None), or None: Pallas on a GPU where it
+      applies, the jnp code otherwise (decode.append's per-token and per-group writes qualify). An explicit
+      "pallas" that cannot run raises (akv_jax.dispatch).
     interpret: run the kernel in interpret mode (CPU tests).
   """
-  match implementation:
-    case None:
-      use_pallas = jax.default_backend() == "gpu" and valid is None and _pallas_ok(x, spec) is None
-    case "xla":
-      use_pallas = False
-    case "pallas":
-      why = "pass valid=None (the kernel takes every token as valid)" if valid is not None else _pallas_ok(x, spec)
-      if why is None and jax.default_backend() != "gpu" and not interpret:
-        why = f"it needs a GPU (this backend is {jax.default_backend()!r}); pass interpret=True on CPU"
-      if why is not None:
-        raise ValueError(f"quantize(implementation='pallas'): {why}")
-      use_pallas = True
-    case _:
-      raise ValueError(f"implementation={implementation!r} is not one of None, 'xla', 'pallas'")
-  if use_pallas:
+  why = "pass valid=None (the kernel takes every token as valid)" if valid is not None else _pallas_ok(x, spec)
+  if dispatch.resolve(implementation, interpret, op="quantize", pallas_why=why) == "pallas":
     b, k, s, _ = x.shape
     codes, scale, zero = _kernel.quantize_pack(x, jnp.full((b, k), s, jnp.int32), bits=spec.bits, group=spec.group,
                                                axis=spec.axis, interpret=interpret)

@@ -8,7 +8,7 @@ and weigh more on a small head dim or a short context. So a name calibrated on o
 whose held bytes give the target ratio on the given shape.
 
 Bytes are those of the arrays compress returns: storage is static-shaped, so `jax.eval_shape` of compress gives
-exactly the arrays a real run holds (tests/test_presets.py checks this against materialized caches).
+exactly the arrays a real run holds (tests/library/test_presets.py checks this against materialized caches).
 """
 
 from __future__ import annotations

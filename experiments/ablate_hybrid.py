@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 import akv_jax as akv
 from akv_jax import models
-from experiments import model_eval
+from experiments import model_eval, result_files
 from experiments import run_experiment as rx
 
 TARGETS = (5.0, 8.0, 12.0)
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
                        retained=round(e["average"] / full["average"], 4) if full["average"] else None))
       print(f"{target}x {kind:9s} {policy.name:22s} ratio {e['ratio']:.2f}x average {e['average']:.3f}", flush=True)
   results = dict(command=" ".join(["python experiments/ablate_hybrid.py", *argv]), config=dataclasses.asdict(cfg),
-                 machine=rx.machine(), length=length, full=full, rows=rows, evaluated=evaluated)
+                 machine=result_files.machine(), length=length, full=full, rows=rows, evaluated=evaluated)
   out = pathlib.Path(cfg.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -33,7 +31,7 @@ import jax.numpy as jnp
 
 import akv_jax as akv
 from akv_jax import testing
-from experiments.run_quality_benchmarks import cpu_model
+from experiments import result_files
 
 
 def interleaved_ms(fns: dict, reps: int) -> dict[str, list[float]]:
@@ -100,8 +98,7 @@ def main(argv=None) -> dict:
             f"reference {row['reference_ms']:7.2f} ms ({row['speedup_reference']:.2f}x)")
     del caches, kv
   result = dict(command="python experiments/bench_cpu_attention.py " + " ".join(argv or []),
-                machine=dict(cpu=cpu_model() or "unknown", cores=os.cpu_count(),
-                             platform=platform.machine(), jax=jax.__version__, backend=jax.default_backend()),
+                machine=result_files.machine(),
                 shape=dict(kv_heads=kh, q_heads=n, head_dim=h, layer=layers // 2, num_layers=layers,
                            dtype="bfloat16"),
                 reps=reps, rows=rows)
@@ -113,7 +110,7 @@ def main(argv=None) -> dict:
   for r in rows:
     md.append(f"| {r['policy']} | {r['batch']} | {r['seq']} | {r['layer_ratio']}x | "
               f"{min(r['dense_ms'], r['sdpa_ms'])} | {r['xla_ms']} | {r['speedup_xla']}x | {r['reference_ms']} |")
-  out.with_suffix(".md").write_text(f"CPU: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
+  out.with_suffix(".md").write_text(f"CPU: {result['machine']['processor']}, {result['machine']['cpu_count']} cores, "
                                     f"jax {jax.__version__}\n\n" + "\n".join(md) + "\n")
   return result
 

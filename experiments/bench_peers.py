@@ -397,14 +397,7 @@ def check_result(result: dict) -> list[str]:
 
 def machine_info(threads: int) -> dict:
   """CPU model, cores, load average and library versions (from package metadata: nothing is imported)."""
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
+  cpu = result_files.cpu_model() or platform.machine()
 
   def version(pkg: str) -> str | None:
     try:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
 import resource
 import subprocess
 import sys
@@ -59,7 +57,6 @@ def _ints(text: str, flag: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> dict:
   from experiments import real_eval, result_files  # noqa: PLC0415
-  from experiments.run_quality_benchmarks import cpu_model  # noqa: PLC0415
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default="experiments/results/speed_smollm2_cpu.json")
@@ -99,10 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     if base is not None:
       row["ttft_vs_full"] = round(row["ttft_ms"] / base["ttft_ms"], 3)
       row["tpot_vs_full"] = round(row["tpot_ms"] / base["tpot_ms"], 3)
-  import jax  # noqa: PLC0415
-  result = dict(command=result_files.command_line("bench_real_speed.py", argv),
-                machine=dict(processor=cpu_model(), cpu_count=os.cpu_count(), machine=platform.machine(),
-                             backend=jax.default_backend(), jax=jax.__version__),
+  result = dict(command=result_files.command_line("bench_real_speed.py", argv), machine=result_files.machine(),
                 rows=rows)
   result_files.write_json(args.out, result)
   print(f"wrote {args.out}")

@@ -9,8 +9,8 @@ PY=${PY:-python3}
 LOG="$OUT/gpu_tests.log"
 DEADLINE=$(( $(date +%s) + ${1:?usage: gpu_tests.sh SECONDS} ))
 mkdir -p "$OUT"
-for f in tests/test_kernel_decode.py tests/test_kernel_quantize.py tests/test_kernel_prefill.py \
-    tests/test_fused_attention.py tests/test_paging.py tests/test_model_kernels.py; do
+for f in tests/kernels/test_kernel_decode.py tests/kernels/test_kernel_quantize.py tests/kernels/test_kernel_prefill.py \
+    tests/kernels/test_fused_attention.py tests/kernels/test_paging.py tests/kernels/test_model_kernels.py; do
   left=$(( DEADLINE - $(date +%s) ))
   if [ "$left" -le 5 ]; then
     echo "== $f: not run, the deadline has passed" >>"$LOG"

@@ -3,7 +3,7 @@
     python experiments/preset_ratios.py --out experiments/results/preset_ratios.json
 
 Storage is static-shaped, so jax.eval_shape of compress gives exactly the arrays a real run holds
-(tests/test_presets.py checks that against materialized caches). Shape: a Llama-3-8B-like layer stack,
+(tests/library/test_presets.py checks that against materialized caches). Shape: a Llama-3-8B-like layer stack,
 32 layers, K = 8 kv heads, N = 32 query heads, H = 128, batch 1, bf16 input (what the presets were calibrated on),
 and under "smollm2" the real model's (30 layers, K = 3, N = 9, H = 64) at 4096 and 8192 tokens, where the same
 presets measure less than their names (the real-model runs fit their keep, akv_jax.ratios.fit_keep).

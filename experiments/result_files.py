@@ -1,9 +1,12 @@
-"""What experiment scripts put in their result files: the command that reproduces them, and the JSON itself."""
+"""What experiment scripts put in their result files: the command that reproduces them, the machine it ran on,
+and the JSON itself."""
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import platform
 import sys
 from collections.abc import Sequence
 
@@ -26,3 +29,26 @@ def report(result: dict, path: str | pathlib.Path | None) -> dict:
   if path:
     write_json(path, result)
   return result
+
+
+def cpu_model() -> str:
+  """The CPU's model name ("" when unknown). platform.processor() is empty on most Linux systems, where
+  /proc/cpuinfo names the CPU."""
+  if platform.processor():
+    return platform.processor()
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return ""
+
+
+def machine() -> dict:
+  """Where the numbers came from (no host name): CPU, cores, platform, Python, JAX and the device it ran on."""
+  import jax  # noqa: PLC0415 (bench_peers reads cpu_model without JAX)
+  dev = jax.devices()[0]
+  return dict(processor=cpu_model(), cpu_count=os.cpu_count(), machine=platform.machine(), system=platform.system(),
+              python=platform.python_version(), jax=jax.__version__, backend=jax.default_backend(),
+              device_kind=dev.device_kind, device_count=jax.device_count())

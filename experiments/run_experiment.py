@@ -28,12 +28,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
-import platform
 import sys
 import time
-from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable, as `python -m` would
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -46,8 +43,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import akv_jax as akv  # noqa: E402
 from akv_jax import models, tasks  # noqa: E402
-from experiments import config_files, model_eval  # noqa: E402
-from experiments.run_quality_benchmarks import cpu_model  # noqa: E402
+from experiments import config_files, model_eval, result_files  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -111,12 +107,6 @@ def load_model(cfg: RunConfig, model_path: str | None):
     raise ValueError(f"lengths {list(cfg.lengths)} / speed_length {cfg.speed_length} plus decoding need {need} "
                      f"positions; the model has max_seq_len={config.max_seq_len}")
   return (*model_eval.cast_model(config, params, cfg.dtype), None)
-
-
-def machine() -> dict[str, Any]:
-  dev = jax.devices()[0]
-  return dict(device_kind=dev.device_kind, backend=jax.default_backend(), machine=platform.machine(),
-              processor=cpu_model(), cpu_count=os.cpu_count(), jax=jax.__version__)
 
 
 def evaluate(cfg: RunConfig, config, params, prompts, name: str, *, progress: bool, text=None) -> dict:
@@ -190,7 +180,7 @@ def run(cfg: RunConfig, *, command: str = "", model_path: str | None = None, pro
                                                          progress=progress, text=text)
   retained = {length: round(pol["accuracy"][length]["average"] / base["accuracy"][length]["average"], 4)
               if base["accuracy"][length]["average"] > 0 else None for length in base["accuracy"]}
-  results = dict(command=command, config=dataclasses.asdict(cfg), machine=machine(),
+  results = dict(command=command, config=dataclasses.asdict(cfg), machine=result_files.machine(),
                  model=dict(source=model_path or cfg.model, dtype=cfg.dtype, params=int(sum(x.size for x in
                                                                              jax.tree_util.tree_leaves(params))),
                             layers=config.num_layers, kv_heads=config.num_kv_heads, head_dim=config.hd),

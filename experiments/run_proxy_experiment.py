@@ -33,7 +33,7 @@ import yaml
 
 import akv_jax as akv
 from experiments import run_quality_benchmarks as rqb
-from experiments import synthetic
+from experiments import result_files, synthetic
 
 FIELDS = ("policy", "baseline", "artifact", "artifact_path", "out")
 # Smallest artifact every preset accepts: S must hold the hybrid presets' 4 sinks + 128-token recent window at
@@ -164,7 +164,7 @@ def run(cfg: ExperimentConfig, *, out: str | None = None, command: str = "", sho
   results["generate_seconds"] = generated - start
   results["seconds"] = time.perf_counter() - start
   out_dir.mkdir(parents=True, exist_ok=True)
-  rqb.write_json(results, out_dir / "results.json")
+  result_files.write_json(out_dir / "results.json", results)
   (out_dir / "report.md").write_text(report_markdown(results, cfg, command))
   return results
 

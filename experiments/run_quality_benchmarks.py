@@ -19,10 +19,7 @@ The compression ratio of a policy is over all layers: sum of bf16 dense bytes / 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import pathlib
-import platform
 import sys
 import time
 from typing import Any, Sequence
@@ -36,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 import akv_jax as akv
-from experiments import synthetic
+from experiments import result_files, synthetic
 
 # Per-layer figures, in table order: (JSON key, table header, format).
 COLUMNS = (
@@ -67,27 +64,6 @@ def _output_errors(q_test: jax.Array, ckv: akv.CompressedKV, kv: akv.DenseKV) ->
   return jax.vmap(one, in_axes=2)(q_test)
 
 
-def cpu_model() -> str:
-  # platform.processor() is empty on most Linux systems; /proc/cpuinfo names the CPU there.
-  if platform.processor():
-    return platform.processor()
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return ""
-
-
-def machine_info() -> dict[str, Any]:
-  """Where the numbers came from (no host name)."""
-  dev = jax.devices()[0]
-  return {"processor": cpu_model(), "machine": platform.machine(), "system": platform.system(),
-          "python": platform.python_version(), "jax": jax.__version__, "backend": jax.default_backend(),
-          "device_kind": dev.device_kind, "device_count": jax.device_count(), "cpu_count": os.cpu_count()}
-
-
 def resolve_policies(policies: Sequence[str | akv.Policy] | str) -> list[akv.Policy]:
   """Policies from preset names (a comma-separated string or a list) or Policy objects; unknown names raise."""
   if isinstance(policies, str):
@@ -102,6 +78,10 @@ def resolve_policies(policies: Sequence[str | akv.Policy] | str) -> list[akv.Pol
   return out
 
 
+def _needs_rope(policy: akv.Policy) -> bool:
+  return policy.scorer is not None and policy.scorer.needs(1).rope
+
+
 def _check_fits(policy: akv.Policy, artifact: dict[str, Any]) -> None:
   """Raises ValueError, naming the policy, when the artifact cannot feed it (before any compilation)."""
   w = artifact["q_obs"].shape[3]
@@ -109,6 +89,9 @@ def _check_fits(policy: akv.Policy, artifact: dict[str, Any]) -> None:
     raise ValueError(f"policy {policy.name!r} scores with window={policy.window} observation queries, but the "
                      f"artifact holds W={w}; regenerate it with window >= {policy.window}")
   num_layers, s = artifact["k"].shape[0], artifact["k"].shape[3]
+  if _needs_rope(policy):
+    raise ValueError(f"policy {policy.name!r} (selection={policy.selection!r}) needs a model's rotary frequencies, "
+                     "which a synthetic artifact does not have; evaluate it on a model (experiments/run_real.py)")
   for layer in range(num_layers):
     try:
       policy.layout(s, layer, num_layers)
@@ -166,7 +149,7 @@ def run(artifact: dict[str, Any], policies: Sequence[str | akv.Policy] | str, *,
     _check_fits(p, artifact)
   num_layers = artifact["k"].shape[0]
   results = {"artifact": {"path": artifact_path, "shape": synthetic.describe(artifact), "meta": artifact["meta"]},
-             "machine": machine_info(), "policies": {}}
+             "machine": result_files.machine(), "policies": {}}
   with tqdm(total=len(resolved) * num_layers, unit="layer", disable=not show_progress, file=sys.stderr) as bar:
     for policy in resolved:
       bar.set_description(policy.name)
@@ -209,17 +192,12 @@ def markdown_layers(entry: dict) -> str:
   return "\n".join(lines)
 
 
-def write_json(results: dict, path: str | os.PathLike) -> None:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(results, indent=2) + "\n")
-
-
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("artifact", help=".npz file or orbax directory from experiments/synthetic.py")
-  parser.add_argument("--policies", default=",".join(akv.presets.names()),
-                      help="comma-separated preset names (default: all presets)")
+  parser.add_argument("--policies",
+                      default=",".join(n for n in akv.presets.names() if not _needs_rope(akv.presets.get(n))),
+                      help="comma-separated preset names (default: every preset that needs no model)")
   parser.add_argument("--out", default=None, help="write results as JSON here")
   parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
   args = parser.parse_args(argv)
@@ -233,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
   results["command"] = "python experiments/run_quality_benchmarks.py " + " ".join(
       argv if argv is not None else sys.argv[1:])
   if args.out:
-    write_json(results, args.out)
+    result_files.write_json(args.out, results)
     print(f"wrote {args.out}")
   return results
 

@@ -49,7 +49,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import akv_jax as akv  # noqa: E402
 from akv_jax.tasks import text  # noqa: E402
 from experiments import config_files, model_eval, real_eval, result_files  # noqa: E402
-from experiments.run_experiment import machine  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -157,7 +156,7 @@ def run(cfg: RealConfig, *, command: str = "", progress: bool = True, resume: bo
   policies = [real_eval.resolve_policy(n, shape, fit_named=cfg.fit_named) for n in names]
   samples = real_eval.draw_samples(model, cfg.tasks, cfg.length, cfg.samples, cfg.seed)
   c = model.config
-  results = dict(command=command, config=dataclasses.asdict(cfg), machine=machine(),
+  results = dict(command=command, config=dataclasses.asdict(cfg), machine=result_files.machine(),
                  model=dict(source=model.name, dtype=cfg.dtype, kv_dtype=cfg.kv_dtype, layers=c.num_layers,
                             kv_heads=c.num_kv_heads, head_dim=c.hd,
                             params=int(sum(x.size for x in jax.tree_util.tree_leaves(model.params)))),

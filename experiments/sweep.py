@@ -27,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import akv_jax as akv  # noqa: E402
-from experiments import model_eval  # noqa: E402
+from experiments import model_eval, result_files  # noqa: E402
 from experiments import run_experiment as rx  # noqa: E402
 
 POLICIES = ("full", "streaming", "snapkv", "pyramidkv", "adakv", "h2o", "tova", "knorm", "kivi4", "kivi2",
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
   for e in rows.values():
     e["retained"] = e["accuracy"][length]["average"] / base if base > 0 else float("nan")
   results = dict(command=" ".join(["python experiments/sweep.py", *argv]), config=dataclasses.asdict(cfg),
-                 machine=rx.machine(), model=dict(source=cfg.model, dtype=cfg.dtype,
+                 machine=result_files.machine(), model=dict(source=cfg.model, dtype=cfg.dtype,
                                                   params=int(sum(x.size for x in jax.tree_util.tree_leaves(params)))),
                  length=length, baseline=cfg.baseline, policies=rows)
   out = pathlib.Path(cfg.out)

@@ -9,8 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROPE_TYPES = ("default", "llama3")
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeScaling:

@@ -24,7 +24,7 @@ import numpy as np
 
 import akv_jax as akv
 from akv_jax.cache import CompressedKV, DenseKV
-from akv_jax.decode import check_implementation
+from akv_jax import dispatch
 from akv_jax.models.config import LlamaConfig, apply_rope, inverse_frequencies
 from akv_jax.policy import Policy
 
@@ -248,10 +248,10 @@ def _fused_attn(interpret: bool, policy: Policy):
 def _prefill_attention(config: LlamaConfig, implementation: str | None, interpret: bool, policy: Policy):
   """The prefill attention function for `implementation` (None: the Pallas kernel on a GPU, XLA elsewhere).
 
-  Raises the same ValueErrors as decode's dispatch (`akv_jax.decode.check_implementation`), so one call validates
+  Raises the same ValueErrors as decode's dispatch (`akv_jax.dispatch.check`), so one call validates
   a request for the whole model.
   """
-  check_implementation(implementation, interpret)
+  dispatch.check(implementation, interpret)
   if implementation is None:
     pallas = jax.default_backend() == "gpu" and config.hd >= 16 and not config.hd & (config.hd - 1)
   else:
@@ -314,10 +314,10 @@ def prefill(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array, 
     lengths: i32[B] prompt lengths.
     policy: static compression policy.
     reserve: tokens decoding will append (static).
-    implementation: prefill attention: "xla" (dense causal softmax), "pallas" (the flash kernel of
-      pallas_kernels.prefill_scores, no T x T matrix; for SnapKV/PyramidKV/AdaKV and H2O policies it also
-      returns the selection votes, so their scores cost no second attention pass), or None: Pallas on a GPU,
-      XLA otherwise.
+    implementation: prefill attention: "reference" or "xla" (both the blocked causal softmax in jnp), "pallas"
+      (the flash kernel of pallas_kernels.prefill_scores, no T x T matrix; for scorers that take votes,
+      SnapKV/PyramidKV/AdaKV and H2O, it also returns them, so their scores cost no second attention pass),
+      or None: Pallas on a GPU, XLA otherwise (akv_jax.dispatch).
     interpret: run the kernel in interpret mode (CPU tests).
 
   Returns:
@@ -405,11 +405,13 @@ def decode_step(config: LlamaConfig, params, cache: tuple[CompressedKV, ...], to
   """One decoding step: tokens i32[B] -> (logits f32[B, V], updated cache). The cache argument is donated.
 
   implementation / interpret pick the attention and the quantize-on-append path, as in `akv.attend` and
-  `akv.append`: None (Pallas kernels on a GPU where they apply), "xla", or "pallas" (an error where it cannot run).
+  `akv.append` (akv_jax.dispatch): None (Pallas kernels on a GPU where they apply), "reference", "xla" or
+  "pallas", each an error where it cannot run. A policy whose decode rule accumulates attention (H2O) needs the
+  per-slot probabilities, which only "reference" (or None) computes.
   """
   _check_tokens(config, tokens)
   _check_cache(config, cache)
-  check_implementation(implementation, interpret)
+  dispatch.check(implementation, interpret)
   return _decode_jit(config, params, cache, tokens, policy, implementation, interpret)
 
 
@@ -458,7 +460,7 @@ def extend(config: LlamaConfig, params, cache: tuple[CompressedKV, ...], tokens:
   """
   _check_tokens(config, tokens, counts)
   _check_cache(config, cache)
-  check_implementation(implementation, interpret)
+  dispatch.check(implementation, interpret)
   b, t = tokens.shape
   counts = jnp.full((b,), t, jnp.int32) if counts is None else jnp.asarray(counts, jnp.int32)
   return _extend_jit(config, params, cache, tokens, counts, policy, implementation, interpret)
@@ -489,7 +491,7 @@ def teacher_force(config: LlamaConfig, params, cache: tuple[CompressedKV, ...], 
   """
   _check_tokens(config, tokens)
   _check_cache(config, cache)
-  check_implementation(implementation, interpret)
+  dispatch.check(implementation, interpret)
   if tokens.ndim != 2:
     raise ValueError(f"tokens must be [B, L], got shape {tokens.shape}")
   return _teacher_force(config, params, cache, tokens, policy, implementation, interpret)
@@ -597,7 +599,7 @@ def generate_from(config: LlamaConfig, params, logits: jax.Array, cache: tuple[C
   _check_cache(config, cache)
   _check_generation(config, logits.shape[0], max_new_tokens, temperature, top_k, stop_tokens, suffix,
                     suffix_lengths)
-  check_implementation(implementation, interpret)
+  dispatch.check(implementation, interpret)
   suffix_lengths = None if suffix_lengths is None else jnp.asarray(suffix_lengths, jnp.int32)
   key = jax.random.key(0) if key is None else key
   return _continue_jit(config, params, logits, cache, policy, max_new_tokens, float(temperature), int(top_k),

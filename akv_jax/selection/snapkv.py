@@ -11,12 +11,17 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from akv_jax.cache import DenseKV
 from akv_jax.selection import common
 from akv_jax.selection.base import Needs, Observations, Scorer, register
 
-Pooling = Literal["max", "avg"]
+# "max" and "avg" pool over the valid slots (avg divides by the valid neighbours). "kvpress" is the average
+# pooling of kvpress's SnapKVPress: torch avg_pool1d over the scores outside the observation window, zero padding
+# counted (always divided by kernel_size), and the window slots scored at the row's maximum.
+Pooling = Literal["max", "avg", "kvpress"]
+POOLINGS = ("max", "avg", "kvpress")
 Reduce = Literal["sum", "mean"]
 
 
@@ -27,8 +32,8 @@ def _check_snapkv(window: int, s: int, kernel_size: int, pooling: str, reduce: s
     raise ValueError(f"window={window} exceeds the cache length S={s}")
   if kernel_size < 1 or kernel_size % 2 == 0:
     raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
-  if pooling not in ("max", "avg"):
-    raise ValueError(f"unknown pooling {pooling!r}, expected 'max' or 'avg'")
+  if pooling not in POOLINGS:
+    raise ValueError(f"unknown pooling {pooling!r}, expected one of {POOLINGS}")
   if reduce not in ("sum", "mean"):
     raise ValueError(f"unknown reduce {reduce!r}, expected 'sum' or 'mean'")
 
@@ -40,9 +45,24 @@ def _snapkv_pool(votes: jax.Array, kv: DenseKV, window: int, kernel_size: int, p
   if reduce == "mean":
     scores = scores / window
   valid = kv.valid()
+  if pooling == "kvpress":
+    return common.mask_invalid(_kvpress_pool(scores, kv, window, kernel_size), kv)
   if kernel_size > 1:
     scores = common.pool(scores, valid, kernel_size, pooling)
   return common.mask_invalid(scores, kv)
+
+
+def _kvpress_pool(scores: jax.Array, kv: DenseKV, window: int, kernel_size: int) -> jax.Array:
+  """kvpress's pooling of f32[B, K, S]: the window's W slots and the padding read as zeros, the sum over each
+  kernel divided by kernel_size; then the window slots get the row's maximum (kvpress pads them with it)."""
+  slot = jnp.arange(scores.shape[2])[None, None, :]
+  before = slot < kv.head_lengths()[:, :, None] - window           # valid and outside the window
+  x = jnp.where(before, scores, 0.0)
+  pad = kernel_size // 2
+  total = lax.reduce_window(x, 0.0, lax.add, (1, 1, kernel_size), (1, 1, 1), ((0, 0), (0, 0), (pad, pad)))
+  pooled = jnp.where(before, total / kernel_size, -jnp.inf)
+  top = jnp.max(pooled, axis=(1, 2), keepdims=True)   # kvpress's scores.max() over every head of the row
+  return jnp.where(before, pooled, top)
 
 
 @functools.partial(jax.jit, static_argnames=("window", "kernel_size", "pooling", "reduce"))
@@ -125,8 +145,8 @@ class SnapKV(Scorer):
       raise ValueError(f"window={self.window} must be >= 1 for selection='snapkv'")
     if self.kernel_size < 1 or self.kernel_size % 2 == 0:
       raise ValueError(f"kernel_size={self.kernel_size} must be odd and >= 1")
-    if self.pooling not in ("max", "avg"):
-      raise ValueError(f"pooling={self.pooling!r} must be 'max' or 'avg'")
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"pooling={self.pooling!r} must be one of {POOLINGS}")
     if self.reduce not in ("mean", "sum"):
       raise ValueError(f"reduce={self.reduce!r} must be 'mean' or 'sum'")
 

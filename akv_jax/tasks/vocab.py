@@ -30,7 +30,7 @@ PAD, BOS, EOS, SEP, QUERY, KEY, VAR = range(7)
 _SPECIAL_NAMES = ("<pad>", "<bos>", "<eos>", "SEP", "QUERY", "KEY", "VAR")
 NUM_SPECIALS = len(_SPECIAL_NAMES)
 
-# One marker id per task; ruler.TASKS must register exactly these names (tests/test_tasks.py checks).
+# One marker id per task; ruler.TASKS must register exactly these names (tests/models/test_tasks.py checks).
 TASK_NAMES = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking",
               "common_words", "frequent_words")
 

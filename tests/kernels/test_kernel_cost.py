@@ -16,7 +16,7 @@ from jax.experimental.pallas import triton as plgpu
 
 pytest.importorskip("triton", reason="pallas_kernels.cost needs the triton wheel: pip install -e '.[kernel-report]'")
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 

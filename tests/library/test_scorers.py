@@ -103,6 +103,53 @@ def test_expected_attention_on_the_model_prefill_and_prefill_many_agree():
   np.testing.assert_allclose(np.asarray(logits), np.asarray(logits_many), rtol=1e-5, atol=1e-5)
 
 
+def _numpy_kvpress_snapkv(q, keys, window, kernel_size):
+  """kvpress SnapKVPress.score, one row, transcribed: q [N, W, H] the last W queries, keys [K, L, H]."""
+  n, length = q.shape[0], keys.shape[1]
+  g = n // K
+  k_rep = np.repeat(keys, g, axis=0)                                        # repeat_kv
+  logits = np.einsum("nwh,nlh->nwl", q, k_rep) / math.sqrt(H)
+  causal = np.arange(length)[None, :] > (length - window + np.arange(window))[:, None]
+  logits = np.where(causal[None], -np.inf, logits)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p = (p / p.sum(-1, keepdims=True))[..., :-window]
+  scores = p.mean(axis=1)                                                   # [N, L - W]
+  padded = np.pad(scores, ((0, 0), (kernel_size // 2, kernel_size // 2)))  # avg_pool1d, zeros counted
+  pooled = np.stack([padded[:, i:i + kernel_size].sum(1) / kernel_size for i in range(length - window)], 1)
+  pooled = pooled.reshape(K, g, -1).mean(1)
+  return np.concatenate([pooled, np.full((K, window), pooled.max())], axis=1)
+
+
+def test_snapkv_kvpress_pooling_gives_kvpress_scores_and_kept_set():
+  rng = np.random.default_rng(4)
+  s, window, kernel_size, lengths = 96, 16, 5, (96, 71)
+  keys = rng.normal(size=(2, K, s, H)).astype(np.float32)
+  q_all = rng.normal(size=(2, N, s, H)).astype(np.float32)
+  q_obs = np.stack([q_all[b, :, length - window:length] for b, length in enumerate(lengths)])
+  kv = akv.DenseKV(k=jnp.asarray(keys), v=jnp.asarray(keys), lengths=jnp.array(lengths, jnp.int32))
+  got = np.asarray(akv.selection.snapkv_scores(jnp.asarray(q_obs), kv, window=window, kernel_size=kernel_size,
+                                               pooling="kvpress"))
+  # kvpress keeps int(L * (1 - compression_ratio)) tokens per head by score; so does a policy with no sinks and
+  # the window as its bf16 recent band, at the keep that rounds to the same count.
+  compression_ratio = 0.75
+  pol = akv.Policy(scorer=akv.selection.SnapKV(window=window, kernel_size=kernel_size, pooling="kvpress"),
+                   budget=akv.selection.Uniform(keep=int(s * (1 - compression_ratio)) / s),
+                   guards=akv.Guards(n_sink=0, recent=window))
+  for b, length in enumerate(lengths):
+    want = _numpy_kvpress_snapkv(q_obs[b], keys[b, :, :length], window, kernel_size)
+    np.testing.assert_allclose(got[b, :, :length], want, rtol=1e-5, atol=1e-7)
+    assert np.all(got[b, :, length:] == -np.inf)
+  # kvpress sizes its budget from the row's own length (batch 1): compare the kept set of the full-length row.
+  want = _numpy_kvpress_snapkv(q_obs[0], keys[0], window, kernel_size)
+  ckv = akv.compress(akv.DenseKV(k=kv.k[:1], v=kv.v[:1], lengths=jnp.array([s])), pol,
+                     queries=jnp.asarray(q_obs[:1]))
+  kept = np.asarray(akv.decompress(ckv).positions[0])
+  n_kept = int(s * (1 - compression_ratio))
+  for kh in range(K):
+    top = np.sort(np.argsort(-want[kh], kind="stable")[:n_kept])
+    np.testing.assert_array_equal(np.sort(kept[kh][kept[kh] >= 0]), top)
+
+
 @dataclasses.dataclass(frozen=True)
 class _ValueNorm(Scorer):
   """A toy scorer: keep the tokens whose values are largest (scale^2 per unit of `power`)."""

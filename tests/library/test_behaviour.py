@@ -1,5 +1,5 @@
 """Every preset's held arrays, attention outputs and the shipped model's greedy tokens match the record made
-before the method-layer redesign (tests/behaviour/record.py; rerun it with --check for a bit-exact comparison)."""
+before the method-layer redesign (tests/library/behaviour/record.py; rerun it with --check for a bit-exact comparison)."""
 
 import numpy as np
 import pytest
@@ -12,6 +12,7 @@ def recorded():
   return record.load()
 
 
+@pytest.mark.slow
 def test_presets_behave_as_recorded(recorded):
   now = record._storable(record.record())
   # Integers exactly; floats to 1e-6 of their scale, for a CPU that orders an f32 reduction differently.

@@ -38,7 +38,7 @@ SNAP = akv.Policy(selection="snapkv", keep=0.5, recent=32, window=32)
     (dict(selection="snapkv", keep=0.5, window=0), "window=0 must be >= 1"),
     (dict(selection="snapkv", keep=0.5, window=64, recent=32), "window=64 must not exceed recent=32"),
     (dict(kernel_size=4), "kernel_size=4 must be odd"),
-    (dict(pooling="min"), "pooling='min' must be 'max' or 'avg'"),
+    (dict(pooling="min"), r"pooling='min' must be one of \('max', 'avg', 'kvpress'\)"),
     (dict(reduce="median"), "reduce='median' must be 'mean' or 'sum'"),
     (dict(adakv_alpha=1.5), r"adakv_alpha=1.5 must be in \[0, 1\]"),
     (dict(adakv_cap=0.5), "adakv_cap=0.5 must be >= 1"),
@@ -74,7 +74,7 @@ def test_policy_settings(kwargs, match):
     (lambda: akv.selection.AdaKV(keep=0.5, cap=0.9), "adakv_cap=0.9 must be >= 1"),
     (lambda: akv.selection.SnapKV(window=0), "window=0 must be >= 1 for selection='snapkv'"),
     (lambda: akv.selection.SnapKV(kernel_size=2), "kernel_size=2 must be odd"),
-    (lambda: akv.selection.SnapKV(pooling="min"), "pooling='min' must be 'max' or 'avg'"),
+    (lambda: akv.selection.SnapKV(pooling="min"), r"pooling='min' must be one of \('max', 'avg', 'kvpress'\)"),
     (lambda: akv.selection.SnapKV(reduce="median"), "reduce='median' must be 'mean' or 'sum'"),
     (lambda: akv.selection.ExpectedAttention(future=0), "future=0 must be >= 1"),
     (lambda: akv.selection.ExpectedAttention(n_sink=-1), "n_sink=-1 must be >= 0"),
@@ -177,12 +177,18 @@ def test_attend_and_append_errors(kv, q_obs):
     akv.attend(jnp.zeros((B, 5, H)), ckv)
   with pytest.raises(ValueError, match="implementation='pallas' needs a GPU \\(this backend is 'cpu'\\)"):
     akv.attend(q, ckv, implementation="pallas")
-  with pytest.raises(ValueError, match="implementation='triton' is not one of None, 'xla', 'pallas', 'reference'"):
+  with pytest.raises(ValueError, match="implementation='triton' is not one of None, 'reference', 'xla', 'pallas'"):
     akv.attend(q, ckv, implementation="triton")
-  with pytest.raises(ValueError, match="implementation='pallas' attends one query token per row"):
+  with pytest.raises(ValueError, match=r"attend\(implementation='pallas'\): the kernel attends one query token"):
     akv.attend(q_obs[:, :, :2], ckv, implementation="pallas", interpret=True)
-  with pytest.raises(ValueError, match="implementation='pallas' does not return per-slot probabilities"):
+  with pytest.raises(ValueError, match=r"attend\(implementation='pallas'\): the kernel does not return per-slot"):
     akv.attend(q, ckv, implementation="pallas", interpret=True, return_probs=True)
+  # "xla" is the chunked path or an error, never the reference in disguise.
+  with pytest.raises(ValueError, match=r"attend\(implementation='xla'\): the chunked path attends one query token "
+                                       r"per row .* use implementation='reference'"):
+    akv.attend(q_obs[:, :, :2], ckv, implementation="xla")
+  with pytest.raises(ValueError, match=r"attend\(implementation='xla'\): the chunked path does not return"):
+    akv.attend(q, ckv, implementation="xla", return_probs=True)
   with pytest.raises(ValueError, match="the Pallas kernel reads keys quantized per channel \\(KIVI\\); this cache's keys are quantized per 'token'"):
     tok = akv.compress(kv, akv.Policy(key_bits=4, value_bits=4, key_axis="token", key_group=16, value_group=16))
     akv.attend(q, tok, implementation="pallas", interpret=True)

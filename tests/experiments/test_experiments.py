@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 # experiments/ is not part of the installed package (scripts, not library): import it from the checkout, which
 # `python -m pytest` does on its own but a bare `pytest` does not.
 if str(REPO) not in sys.path:
@@ -251,6 +251,8 @@ def test_quality_benchmark_errors(artifact):
   small = synthetic.generate(dataclasses.replace(TINY, seq_len=128, min_length_frac=1.0, layers=1))
   with pytest.raises(ValueError, match=r"policy 'hybrid_8x' does not fit the artifact \(S=128.*recent=128"):
     run_quality_benchmarks.run(small, ["full", "hybrid_8x"], show_progress=False)
+  with pytest.raises(ValueError, match="policy 'expected_attention' .* needs a model's rotary frequencies"):
+    run_quality_benchmarks.run(artifact, ["expected_attention"], show_progress=False)
 
 
 def test_quality_benchmark_cli_error(npz_path):

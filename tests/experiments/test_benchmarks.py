@@ -5,7 +5,7 @@ import json
 import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
@@ -16,7 +16,7 @@ def test_bench_cpu_attention_tiny(tmp_path):
   out = tmp_path / "cpu.json"
   result = bench_cpu_attention.main(["--tiny", "--out", str(out)])
   saved = json.loads(out.read_text())
-  assert saved["rows"] and saved["machine"]["cpu"] and out.with_suffix(".md").is_file()
+  assert saved["rows"] and saved["machine"]["processor"] and out.with_suffix(".md").is_file()
   for row in result["rows"]:
     assert row["layer_ratio"] > 1 and row["xla_ms"] > 0 and row["max_abs_diff_xla_vs_reference"] < 1e-2
 

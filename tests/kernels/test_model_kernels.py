@@ -45,7 +45,7 @@ def test_prefill_implementation_errors():
                               num_kv_heads=2, max_seq_len=64)
   params = models.init_params(config, jax.random.key(0))
   tokens, lengths = jnp.zeros((1, 8), jnp.int32), jnp.array([8], jnp.int32)
-  with pytest.raises(ValueError, match="implementation='cudnn' is not one of None, 'xla', 'pallas'"):
+  with pytest.raises(ValueError, match="implementation='cudnn' is not one of None, 'reference', 'xla', 'pallas'"):
     models.prefill(config, params, tokens, lengths, akv.presets.get("full"), implementation="cudnn")
   if jax.default_backend() != "gpu":
     with pytest.raises(ValueError, match="implementation='pallas' needs a GPU"):
@@ -93,9 +93,13 @@ def test_decode_implementation_errors():
   tokens, lengths = jnp.zeros((1, 16), jnp.int32), jnp.array([16], jnp.int32)
   pol = dataclasses.replace(akv.presets.get("kivi2"), recent=8, key_group=8, value_group=8)
   _, cache = models.prefill(config, params, tokens, lengths, pol, reserve=4)
-  with pytest.raises(ValueError, match="implementation='reference' is not one of None, 'xla', 'pallas'"):
-    models.decode_step(config, params, cache, jnp.zeros((1,), jnp.int32), pol, implementation="reference")
-  with pytest.raises(ValueError, match="implementation='cudnn' is not one of None, 'xla', 'pallas'"):
+  # "reference" means the same in decode_step as in attend and quantize: the plain definitions.
+  copy = jax.tree_util.tree_map(jnp.copy, cache)   # decode_step donates its cache
+  ref, _ = models.decode_step(config, params, copy, jnp.zeros((1,), jnp.int32), pol, implementation="reference")
+  copy = jax.tree_util.tree_map(jnp.copy, cache)
+  xla, _ = models.decode_step(config, params, copy, jnp.zeros((1,), jnp.int32), pol, implementation="xla")
+  np.testing.assert_allclose(np.asarray(ref), np.asarray(xla), rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="implementation='cudnn' is not one of None, 'reference', 'xla', 'pallas'"):
     models.generate(config, params, tokens, lengths, pol, 2, implementation="cudnn")
   if jax.default_backend() != "gpu":
     with pytest.raises(ValueError, match="implementation='pallas' needs a GPU"):
