@@ -14,7 +14,10 @@ It is a static argument everywhere: changing it recompiles, changing a prompt do
     Policy(name="snapkv", scorer=SnapKV(window=32), budget=Uniform(keep=0.25), guards=Guards(recent=32))
 
 The flat keywords of earlier versions (selection="snapkv", keep=0.25, window=32, key_bits=2, ...) are still
-accepted, by the constructor and by dataclasses.replace, and map onto these parts (`LEGACY_FIELDS`).
+accepted, by the constructor and by dataclasses.replace, and map onto these parts (`LEGACY_FIELDS`). A part named
+by a string (selection="tova", budget="pyramid") starts from that part's defaults, with the flat knobs given
+beside it on top (so dataclasses.replace(p, budget="uniform") also resets keep unless keep= is given); knobs
+that the policy's parts do not have (window= for TOVA) are ignored, as they always were.
 
 `Policy.layout(S, layer, num_layers)` turns the policy into the static capacities of one layer's cache. Budgets
 are computed from the cache's static length S (the serving capacity), so rows of a ragged batch share one
