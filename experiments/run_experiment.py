@@ -6,8 +6,8 @@
 One run evaluates the baseline (default: the full cache) and the policy on identical prompts and measures, for
 each: accuracy per task and prompt length, KV bytes held and the compression ratio (from the arrays), peak device
 memory where the backend reports it, and TTFT / TPOT / tokens per second at several batch sizes after warm-up
-(experiments/model_eval.py says exactly how). It writes DIR/results.json (schema in the README), DIR/report.md
-and DIR/accuracy.png, DIR/speed.png. experiments/summarize.py plots several runs against each other.
+(experiments/model_eval.py says exactly how). It writes DIR/results.json (schema in docs/experiments.md),
+DIR/report.md and DIR/accuracy.png, DIR/speed.png. experiments/sweep.py evaluates every policy in one run.
 
 Config fields (anything else is an error naming it):
   policy          preset to evaluate (akv_jax.presets.names()); baseline: preset to compare with (default full)
