@@ -43,6 +43,7 @@ results: results-real results-toy
 
 results-real: setup
 	$(PY) experiments/run_real.py --config experiments/smollm2_core_4k.yaml --resume --no_progress
+	$(PY) experiments/run_real.py --config experiments/smollm2_ea_4k.yaml --resume --no_progress
 	$(PY) experiments/run_real.py --config experiments/smollm2_sweep_4k.yaml --resume --no_progress
 	$(PY) experiments/run_real.py --config experiments/smollm2_ablation_4k.yaml --resume --no_progress
 	$(PY) experiments/run_real.py --config experiments/smollm2_8k.yaml --resume --no_progress

@@ -178,6 +178,10 @@ def _append(ckv: CompressedKV, k_t: jax.Array, v_t: jax.Array, policy: Policy, i
   if policy.evicting and (flush != 1 or isinstance(ckv.body_v, QuantizedTensor)):
     raise ValueError(f"policy {policy.name!r} evicts but this cache was not built by an evicting policy "
                      "(its body is quantized)")
+  if policy.decode.accumulates != (ckv.scores is not None):
+    state = "carries no accumulated attention" if ckv.scores is None else "carries accumulated attention"
+    raise ValueError(f"policy {policy.name!r} has decode rule {policy.decode.name!r}, but this cache {state}: "
+                     "decode a cache with the policy that built it")
   # The recent capacity is the bf16 window plus one flush unit of headroom (see Policy.layout).
   recent = ckv.recent_capacity - flush
   rows = jnp.ones(ckv.sink_fill.shape, bool) if rows is None else rows

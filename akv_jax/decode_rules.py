@@ -3,7 +3,8 @@
 A rule is a frozen, hashable dataclass held by the policy. `KiviResidual` never drops a token: new tokens enter
 the bf16 recent window and the oldest leave it into the (quantized) body, which was sized at prefill for the
 tokens decoding will add. `SlidingWindow` (StreamingLLM) and `HeavyHitter` (H2O) bound the memory instead and
-evict; `HeavyHitter` keeps each slot's accumulated attention as its state (CompressedKV.scores).
+evict; `HeavyHitter` keeps each slot's accumulated attention as its state (CompressedKV.scores, present exactly
+when the policy's rule accumulates; akv.append checks that the two agree).
 """
 
 from __future__ import annotations

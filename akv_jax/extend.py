@@ -84,14 +84,14 @@ def _extend(q, k, v, ckv: CompressedKV, policy: Policy, counts, scale, implement
   counts = jnp.full((b,), t, jnp.int32) if counts is None else jnp.asarray(counts, jnp.int32)
   scale = 1.0 / math.sqrt(h) if scale is None else scale
   out, old_probs, new_probs = _attention(q, k, v, ckv, counts, scale)
-  if ckv.scores is not None:
+  if policy.decode.accumulates:
     # Body and recent slots carry scores; sinks are never evicted, so theirs are not kept.
     ckv = dataclasses.replace(ckv, scores=ckv.scores + old_probs[..., ckv.sink_k.shape[2]:])
 
   def step(c, xs):
     k_t, v_t, score, i = xs
     # Rows past their count take no token: append leaves them as they are (no copy of the cache per step).
-    return _append(c, k_t, v_t, policy, implementation, interpret, score=None if c.scores is None else score,
+    return _append(c, k_t, v_t, policy, implementation, interpret, score=score if policy.decode.accumulates else None,
                    rows=i < counts), None
 
   xs = (jnp.moveaxis(k, 2, 0), jnp.moveaxis(v, 2, 0), jnp.moveaxis(new_probs, 2, 0), jnp.arange(t))

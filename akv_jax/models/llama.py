@@ -384,7 +384,7 @@ def _decode(config: LlamaConfig, params, cache, tokens, policy: Policy, implemen
 
   def attn(layer, q, k, v):
     c = akv.append(cache[layer], k[:, 0], v[:, 0], policy, **kernels)
-    if c.scores is not None:
+    if policy.decode.accumulates:   # the decode rule's state grows by each step's attention (H2O)
       out, probs = akv.attend(q[:, 0], c, return_probs=True, **kernels)
       c = akv.observe(c, probs)
     else:

@@ -205,6 +205,12 @@ def test_attend_and_append_errors(kv, q_obs):
   hckv = akv.compress(kv, h2o, queries=q_obs)
   with pytest.raises(ValueError, match=r"probs shape \(2, 2, 3\) does not match the cache's score slots"):
     akv.observe(hckv, jnp.zeros((2, 2, 3)))
+  with pytest.raises(ValueError, match="policy 'h2o' has decode rule 'heavy_hitter', but this cache carries no "
+                                       "accumulated attention"):
+    akv.append(akv.compress(kv, akv.presets.get("streaming")), kv.k[:, :, 0], kv.v[:, :, 0], h2o)
+  with pytest.raises(ValueError, match="policy 'streaming' has decode rule 'sliding_window', but this cache "
+                                       "carries accumulated attention"):
+    akv.append(hckv, kv.k[:, :, 0], kv.v[:, :, 0], akv.presets.get("streaming"))
 
 
 def test_adakv_cap_too_small_for_budget():

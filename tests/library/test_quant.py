@@ -112,3 +112,31 @@ def test_shape_errors():
     akv.pack(jnp.zeros((6,), jnp.uint8), 2)
   with pytest.raises(ValueError, match="bits=5 is not supported"):
     akv.unpack(jnp.zeros((6,), jnp.uint8), 5)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_every_path_reads_codes_with_the_one_dequantize_formula(bits):
+  """akv.dequantize is the formula (x = code * scale + zero); the kernels' reference, the chunked XLA path and the
+  body readers mirror it, and must give the same numbers from the same QuantizedTensor."""
+  from akv_jax import body as _body
+  from akv_jax import chunked
+  from pallas_kernels import decode as kernel_decode
+  b, kh, s, h, group = 2, 2, 64, 32, 16
+  x = jax.random.normal(jax.random.key(bits), (b, kh, s, h), jnp.float32) * 3 + 1
+  keys = akv.quantize(x, akv.QuantSpec(bits=bits, group=group, axis="channel"))
+  values = akv.quantize(x, akv.QuantSpec(bits=bits, group=group, axis="token"))
+  for qt, axis in ((keys, 2), (values, 3)):
+    want = np.asarray(akv.dequantize(qt))
+    np.testing.assert_allclose(np.asarray(kernel_decode._dequant((qt.codes, qt.scale, qt.zero), bits, group, axis)),
+                               want, rtol=1e-6, atol=1e-6)
+  # The chunked path never materializes the body; one-hot queries and probabilities read it back exactly.
+  eye_q = jnp.broadcast_to(jnp.eye(h, dtype=jnp.float32), (b, kh, h, h))
+  got_k = jnp.swapaxes(chunked._scores(eye_q, keys, 0, s), -1, -2)
+  np.testing.assert_allclose(np.asarray(got_k), np.asarray(akv.dequantize(keys)), rtol=1e-6, atol=1e-6)
+  eye_p = jnp.broadcast_to(jnp.eye(s, dtype=jnp.float32), (b, kh, s, s))
+  got_v = chunked._mix(eye_p, values, 0, s)
+  np.testing.assert_allclose(np.asarray(got_v), np.asarray(akv.dequantize(values)), rtol=1e-6, atol=1e-6)
+  ckv = akv.compress(akv.DenseKV(k=x.astype(jnp.bfloat16), v=x.astype(jnp.bfloat16), lengths=jnp.array([s, s])),
+                     akv.Policy(key_bits=bits, value_bits=bits, key_group=group, value_group=group, recent=0))
+  np.testing.assert_allclose(np.asarray(_body.dequantize_heads(ckv, ckv.body_v)),
+                             np.asarray(akv.dequantize(ckv.body_v)), rtol=0, atol=0)
