@@ -97,8 +97,8 @@ def expected_attention_scores(queries: jax.Array, kv: DenseKV, inv_freq: jax.Arr
     sigma = _rotate(jnp.swapaxes(_rotate(sigma, c_bar[..., None, :], s_bar[..., None, :]), -1, -2),
                     c_bar[..., None, :], s_bar[..., None, :])
     logits = logits + jnp.einsum("BKSI,BKGIJ,BKSJ->BKGS", k, sigma, k, precision=hp) / (2 * h)
-  slot = kv.token_positions()
-  candidate = kv.valid() & (slot >= n_sink)                               # [B, K, S]
+  key_pos = kv.token_positions()
+  candidate = kv.valid() & (key_pos >= n_sink)                            # [B, K, S]
   logits = jnp.where(candidate[:, :, None], logits, -jnp.inf)
   m = jnp.max(logits, axis=-1, keepdims=True)
   e = jnp.where(candidate[:, :, None], jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
@@ -106,7 +106,7 @@ def expected_attention_scores(queries: jax.Array, kv: DenseKV, inv_freq: jax.Arr
   scores = jnp.mean(probs, axis=2)                                         # [B, K, S]
   if value_norm:
     scores = (scores + epsilon) * jnp.linalg.norm(kv.v.astype(jnp.float32), axis=-1)
-  scores = jnp.where(slot < n_sink, common.SINK_SCORE, scores)
+  scores = jnp.where(key_pos < n_sink, common.SINK_SCORE, scores)
   return common.mask_invalid(scores, kv)
 
 

@@ -4,14 +4,14 @@ added through the registry and run end to end, and the observation checks."""
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import akv_jax as akv
 from akv_jax import models
-from akv_jax.selection import ExpectedAttention, Observations, Scorer, expected_attention_scores
+from akv_jax.selection import ExpectedAttention, Scorer, expected_attention_scores
+from akv_jax.testing import random_kv, random_queries
 
 H, N, K = 16, 4, 2
 
@@ -76,8 +76,8 @@ def test_expected_attention_matches_its_definition_on_a_ragged_batch():
 
 
 def test_expected_attention_needs_rope_and_all_queries():
-  kv = akv.testing.random_kv(0, b=1, k=K, s=64, h=H)
-  q = akv.testing.random_queries(1, b=1, n=N, t=64, h=H)
+  kv = random_kv(0, b=1, k=K, s=64, h=H)
+  q = random_queries(1, b=1, n=N, t=64, h=H)
   pol = akv.Policy(scorer=ExpectedAttention(), budget=akv.selection.Uniform(keep=0.5), guards=akv.Guards(recent=8))
   assert pol.scorer.needs(64) == akv.selection.Needs(queries=64, rope=True)
   with pytest.raises(ValueError, match="selection='expected_attention' needs the model's rotary frequencies"):
@@ -171,7 +171,7 @@ def registered_toy():
 
 
 def test_a_new_scorer_through_the_registry_runs_end_to_end(registered_toy):
-  kv = akv.testing.random_kv(3, b=2, k=K, s=64, h=H, lengths=(64, 50))
+  kv = random_kv(3, b=2, k=K, s=64, h=H, lengths=(64, 50))
   pol = akv.Policy(name="toy", selection="test_value_norm", keep=0.5, recent=8)
   assert pol.scorer == registered_toy()
   ckv = akv.compress(kv, pol)
