@@ -41,12 +41,21 @@ test: setup
 # from experiments/gpu_check.sh on a GPU machine.
 results: results-real results-toy
 
+# One process per stage (question-aware tasks, question-agnostic tasks, continuation), each resuming the last: one
+# process for all three compiled so many XLA:CPU programs that LLVM failed with "Cannot allocate memory" (the
+# kernel's 65530 memory-map limit) when the agnostic stage began.
+define run_real_stages
+	$(PY) experiments/run_real.py --config $(1) --resume --no_progress --set "modes=[aware]" --set "prefixes=[]"
+	$(PY) experiments/run_real.py --config $(1) --resume --no_progress --set "prefixes=[]"
+	$(PY) experiments/run_real.py --config $(1) --resume --no_progress
+endef
+
 results-real: setup
-	$(PY) experiments/run_real.py --config experiments/smollm2_core_4k.yaml --resume --no_progress
-	$(PY) experiments/run_real.py --config experiments/smollm2_ea_4k.yaml --resume --no_progress
-	$(PY) experiments/run_real.py --config experiments/smollm2_sweep_4k.yaml --resume --no_progress
-	$(PY) experiments/run_real.py --config experiments/smollm2_ablation_4k.yaml --resume --no_progress
-	$(PY) experiments/run_real.py --config experiments/smollm2_8k.yaml --resume --no_progress
+	$(call run_real_stages,experiments/smollm2_core_4k.yaml)
+	$(call run_real_stages,experiments/smollm2_ea_4k.yaml)
+	$(call run_real_stages,experiments/smollm2_sweep_4k.yaml)
+	$(call run_real_stages,experiments/smollm2_ablation_4k.yaml)
+	$(call run_real_stages,experiments/smollm2_8k.yaml)
 	$(PY) experiments/bench_real_speed.py --out experiments/results/speed_smollm2_cpu.json
 
 # The decode kernel's compiled cost for sm_90 (registers, spills, mma, instructions per token), on this CPU.
