@@ -144,7 +144,7 @@ def _earlier(cfg: RealConfig, out: pathlib.Path) -> dict:
 
 def run(cfg: RealConfig, *, command: str = "", progress: bool = True, resume: bool = False) -> dict:
   start = time.perf_counter()
-  max_len = max(cfg.length + cfg.max_new_tokens + 128, *(p + cfg.continuation_tokens for p in cfg.prefixes))
+  max_len = max([cfg.length + cfg.max_new_tokens + 128, *(p + cfg.continuation_tokens for p in cfg.prefixes)])
   model = real_eval.load_smollm2(dtype=cfg.dtype, kv_dtype=cfg.kv_dtype)
   if cfg.tiny:
     model = real_eval.random_model(model)
