@@ -63,11 +63,7 @@ def why_unsupported(q: jax.Array, ckv: CompressedKV, return_probs: bool) -> str 
 
 
 def supported(q: jax.Array, ckv: CompressedKV, return_probs: bool) -> bool:
-  try:
-    check_supported(q, ckv, return_probs)
-  except ValueError:
-    return False
-  return True
+  return why_unsupported(q, ckv, return_probs) is None
 
 
 def _nonempty(x: jax.Array) -> jax.Array:

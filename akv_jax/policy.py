@@ -31,7 +31,8 @@ import dataclasses
 from akv_jax.decode_rules import DECODE_RULES, DecodeRule, KiviResidual
 from akv_jax.quant import QuantSpec, SUPPORTED_BITS
 from akv_jax.selection import base as _scorers
-from akv_jax.selection.budgets import BUDGETS, Budget, Uniform
+from akv_jax.selection.budgets import BUDGETS, AdaKV, Budget, Uniform
+from akv_jax.selection.snapkv import SnapKV
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,16 +110,9 @@ def _check_legacy(legacy: dict) -> None:
   for field in ("window",):
     if field in legacy and legacy[field] < 0:
       raise ValueError(f"{field}={legacy[field]} must be >= 0")
-  if "kernel_size" in legacy and (legacy["kernel_size"] < 1 or legacy["kernel_size"] % 2 == 0):
-    raise ValueError(f"kernel_size={legacy['kernel_size']} must be odd and >= 1")
-  if legacy.get("pooling", "max") not in ("max", "avg", "kvpress"):
-    raise ValueError(f"pooling={legacy['pooling']!r} must be one of ('max', 'avg', 'kvpress')")
-  if legacy.get("reduce", "mean") not in ("mean", "sum"):
-    raise ValueError(f"reduce={legacy['reduce']!r} must be 'mean' or 'sum'")
-  if not 0.0 <= legacy.get("adakv_alpha", 0.0) <= 1.0:
-    raise ValueError(f"adakv_alpha={legacy['adakv_alpha']} must be in [0, 1]")
-  if legacy.get("adakv_cap", 1.0) < 1.0:
-    raise ValueError(f"adakv_cap={legacy['adakv_cap']} must be >= 1")
+  # SnapKV's and AdaKV's own checks, on their knobs given flat, whichever scorer and budget the policy has.
+  SnapKV(**{f: legacy[f] for f in ("kernel_size", "pooling", "reduce") if f in legacy})
+  AdaKV(**{field: legacy[flat] for flat, field in (("adakv_alpha", "alpha"), ("adakv_cap", "cap")) if flat in legacy})
   for field in ("key_bits", "value_bits"):
     bits = legacy.get(field)
     if bits is not None and bits not in SUPPORTED_BITS:
@@ -272,6 +266,10 @@ class Policy:
   def quantized(self) -> bool:
     bits = (self.key_bits, self.value_bits, self.guards.bits, *(self.layer_bits or ()))
     return any(b is not None for b in bits)
+
+  def needs(self, s: int) -> _scorers.Needs:
+    """What the policy's scorer reads for a prompt capacity of S tokens (nothing when it keeps every token)."""
+    return _scorers.Needs() if self.scorer is None else self.scorer.needs(s)
 
   def to_dict(self) -> dict:
     """A JSON-ready description: each part with its registry name and its knobs."""

@@ -49,13 +49,13 @@ def held_bytes(policy: Policy, shape: CacheShape, *, reserve: int = 0, window: i
   b, kh, s, h = shape.batch, shape.kv_heads, shape.s, shape.head_dim
   kv = DenseKV(k=jax.ShapeDtypeStruct((b, kh, s, h), jnp.bfloat16), v=jax.ShapeDtypeStruct((b, kh, s, h), jnp.bfloat16),
                lengths=jax.ShapeDtypeStruct((b,), jnp.int32))
-  needs = policy.scorer.needs(s) if policy.scorer is not None else None
-  t = min(max(window, needs.queries if needs else 0), s)
+  needs = policy.needs(s)
+  t = min(max(window, needs.queries), s)
   q = jax.ShapeDtypeStruct((b, shape.q_heads or kh, t, h), jnp.bfloat16)
   obs = {}
-  if needs is not None and needs.queries:
+  if needs.queries:
     obs["queries"] = q
-  if needs is not None and needs.rope:
+  if needs.rope:
     obs["inv_freq"] = jax.ShapeDtypeStruct((h // 2,), jnp.float32)
   return sum(nbytes(jax.eval_shape(
       lambda kv, obs, layer=layer: compress(kv, policy, layer=layer, num_layers=shape.num_layers,

@@ -79,7 +79,7 @@ def resolve_policies(policies: Sequence[str | akv.Policy] | str) -> list[akv.Pol
 
 
 def _needs_rope(policy: akv.Policy) -> bool:
-  return policy.scorer is not None and policy.scorer.needs(1).rope
+  return policy.needs(1).rope
 
 
 def _check_fits(policy: akv.Policy, artifact: dict[str, Any]) -> None:

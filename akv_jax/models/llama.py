@@ -166,21 +166,19 @@ def _last_queries(q: jax.Array, lengths: jax.Array, t: int) -> jax.Array:
   return out.transpose(0, 2, 1, 3)
 
 
-def _needs(policy: Policy, s: int) -> akv.selection.Needs:
-  """What the policy's scorer reads from the prompt pass (nothing when it keeps every token)."""
-  return akv.selection.Needs() if policy.scorer is None else policy.scorer.needs(s)
+def _rope_observation(config: LlamaConfig, needs: akv.selection.Needs) -> dict:
+  """compress's inv_freq keyword when the scorer reads the rotary frequencies (the same for every layer)."""
+  return dict(inv_freq=jnp.asarray(inverse_frequencies(config))) if needs.rope else {}
 
 
-def _observations(config: LlamaConfig, needs: akv.selection.Needs, q, lengths, s: int, votes) -> dict:
+def _observations(needs: akv.selection.Needs, q, lengths, s: int, votes, rope: dict) -> dict:
   """compress's observation keywords for one layer: the prefill kernel's votes when it computed them, else the
-  last queries the scorer asks for, and the rotary frequencies when it needs them."""
-  obs = {}
+  last queries the scorer asks for, and `rope` (from _rope_observation)."""
+  obs = dict(rope)
   if votes is not None:
     obs["votes"] = votes
   elif needs.queries:
     obs["queries"] = _last_queries(q, lengths, min(needs.queries, s))
-  if needs.rope:
-    obs["inv_freq"] = jnp.asarray(inverse_frequencies(config))
   return obs
 
 
@@ -236,7 +234,7 @@ def _fused_attn(interpret: bool, policy: Policy):
 
   def attn(layer, q, k, v, lengths):
     del layer
-    needs = _needs(policy, q.shape[1])
+    needs = policy.needs(q.shape[1])
     window = min(needs.queries, q.shape[1]) if needs.votes == "window" else 0
     h2o = needs.votes == "all"
     o, window_votes, h2o_votes = prefill_scores.prefill_attention(q, k, v, lengths, window=window, h2o=h2o,
@@ -266,14 +264,15 @@ def _prefill(config: LlamaConfig, params, tokens, lengths, policy: Policy, reser
   b, s = tokens.shape
   lengths = jnp.asarray(lengths, jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  needs = _needs(policy, s)
+  needs = policy.needs(s)
+  rope = _rope_observation(config, needs)
   causal_attn = _prefill_attention(config, implementation, interpret, policy)
 
   def attn(layer, q, k, v):
     o, votes = causal_attn(layer, q, k, v, lengths)
     kv = DenseKV(k=k.transpose(0, 2, 1, 3), v=v.transpose(0, 2, 1, 3), lengths=lengths)
     ckv = akv.compress(kv, policy, layer=layer, num_layers=config.num_layers, reserve=reserve,
-                       **_observations(config, needs, q, lengths, s, votes))
+                       **_observations(needs, q, lengths, s, votes, rope))
     return o, ckv
 
   hidden, cache = model.apply({"params": params}, tokens, positions, attn)
@@ -295,9 +294,9 @@ def _capture_for_compress(config: LlamaConfig, params, tokens, lengths, window: 
     o, _ = _causal_attn(layer, q, k, v, lengths)
     kv = DenseKV(k=k.transpose(0, 2, 1, 3), v=v.transpose(0, 2, 1, 3), lengths=lengths)
     q_obs = _last_queries(q, lengths, min(window, s)) if window else None
-    votes = akv.selection.h2o_scores(_last_queries(q, lengths, s), kv) if h2o else None
-    q_all = _last_queries(q, lengths, s) if all_queries else None
-    return o, (kv, q_obs, votes, q_all)
+    every = _last_queries(q, lengths, s) if h2o or all_queries else None
+    votes = akv.selection.h2o_scores(every, kv) if h2o else None
+    return o, (kv, q_obs, votes, every if all_queries else None)
 
   hidden, per_layer = model.apply({"params": params}, tokens, positions, attn)
   last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
@@ -347,7 +346,7 @@ def prefill_many(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Ar
   _check_tokens(config, tokens, lengths)
   _check_capacity(config, tokens.shape[1], reserve)
   s = tokens.shape[1]
-  needs = {pol: _needs(pol, s) for pol in policies}
+  needs = {pol: pol.needs(s) for pol in policies}
   # Every prompt query is kept per layer only for a scorer that reads them all and takes no votes (H2O's
   # votes stand in for its queries).
   reads_all = {pol: n.queries >= s and n.votes != "all" for pol, n in needs.items()}
@@ -359,6 +358,7 @@ def prefill_many(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Ar
   caches = []
   for pol in policies:
     need = needs[pol]
+    rope = _rope_observation(config, need)
     layers = []
     for layer, (kv, q_obs, votes, q_all) in enumerate(per_layer):
       if need.votes == "all":
@@ -369,9 +369,8 @@ def prefill_many(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Ar
         obs = {}
       else:
         obs = dict(queries=q_obs[:, :, q_obs.shape[2] - min(need.queries, s):])
-      if need.rope:
-        obs["inv_freq"] = jnp.asarray(inverse_frequencies(config))
-      layers.append(akv.compress(kv, pol, layer=layer, num_layers=config.num_layers, reserve=reserve, **obs))
+      layers.append(akv.compress(kv, pol, layer=layer, num_layers=config.num_layers, reserve=reserve, **obs,
+                                 **rope))
     caches.append(tuple(layers))
   return logits, tuple(caches)
 
