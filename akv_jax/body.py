@@ -87,6 +87,28 @@ def set_at(x: jax.Array, index: tuple, values: jax.Array) -> jax.Array:
   return x.at[index].set(values, mode="drop")
 
 
+def set_slot(x: jax.Array, slot: jax.Array, value: jax.Array, enabled: jax.Array) -> jax.Array:
+  """x [B, K, R, ...]: writes value [B, K, ...] at slot i32[B, K] where enabled bool[B, K]."""
+  b, kh, r = x.shape[:3]
+  idx = jnp.where(enabled, slot, r)
+  bi, ki = jnp.meshgrid(jnp.arange(b), jnp.arange(kh), indexing="ij")
+  return set_at(x, (bi, ki, idx), value)
+
+
+def get_slot(x: jax.Array, slot: jax.Array) -> jax.Array:
+  """x [B, K, R, ...] at slot i32[B, K] (clamped into range) -> [B, K, ...]."""
+  idx = jnp.clip(slot, 0, x.shape[2] - 1).reshape(slot.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, idx, axis=2)[:, :, 0]
+
+
+def shift(x: jax.Array, n: int, enabled: jax.Array, axis: int = 2) -> jax.Array:
+  """Drops the first n slots along `axis` (filling the tail with zeros / -1 for ints) where enabled bool[B, K]."""
+  fill = -1 if jnp.issubdtype(x.dtype, jnp.integer) else 0
+  tail = jnp.full(x.shape[:axis] + (n,) + x.shape[axis + 1:], fill, x.dtype)
+  shifted = jnp.concatenate([jax.lax.slice_in_dim(x, n, x.shape[axis], axis=axis), tail], axis=axis)
+  return jnp.where(enabled.reshape(enabled.shape + (1,) * (x.ndim - 2)), shifted, x)
+
+
 def write_rows(flat: jax.Array, rows: jax.Array, slots: jax.Array, enabled: jax.Array,
                total_slots: int) -> jax.Array:
   """Writes `rows` [B, K, n, ...] into a flat leaf [B, rows_total, ...] at pool slots `slots` i32[B, K, n].

@@ -11,7 +11,7 @@ are part of the jit cache key and never traced.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -124,7 +124,8 @@ class CompressedKV:
     sink_fill: i32[B] valid sink slots.
     next_pos: i32[B] original position the next appended token gets.
     page_table: i32[B, K, P_max] or None; -1 marks pages a head does not own (its capacity ends there).
-    scores: f32[B, K, M + R] accumulated attention of body then recent slots (H2O), or None.
+    state: the policy's decode rule's own state, a pytree of its `state_type` (H2O's accumulated attention,
+      akv_jax.decode_rules.AttentionTotals), or None for rules that keep none.
     page_size: Q, static; 1 when unpaged.
     dropped: i32[B, K] tokens dropped because a non-evicting cache was full (`akv.checked` turns this into
       an error; it stays 0 when the capacity reserved at compress time suffices).
@@ -145,7 +146,7 @@ class CompressedKV:
   next_pos: jax.Array
   dropped: jax.Array
   page_table: jax.Array | None = None
-  scores: jax.Array | None = None
+  state: Any = None
   page_size: int = dataclasses.field(default=1, metadata=dict(static=True))
 
   @property
@@ -174,6 +175,11 @@ class CompressedKV:
   @property
   def recent_capacity(self) -> int:
     return self.recent_k.shape[2]
+
+  @property
+  def scores(self):
+    raise AttributeError("CompressedKV.scores moved into the decode rule's state: H2O's accumulated attention is "
+                         "ckv.state.scores (akv_jax.decode_rules.AttentionTotals)")
 
   def kept_tokens(self) -> jax.Array:
     """i32[B, K]: tokens this cache answers attention with, per kv head."""

@@ -25,30 +25,9 @@ import jax.numpy as jnp
 from akv_jax import body as _body
 from akv_jax import dispatch, validation
 from akv_jax.cache import CompressedKV, QuantizedTensor
+from akv_jax.decode_rules import DECODE_RULES, DecodeRule
 from akv_jax.policy import Policy
 from akv_jax.quant import quantize, spec_of
-
-
-def _set_slot(x: jax.Array, slot: jax.Array, value: jax.Array, enabled: jax.Array) -> jax.Array:
-  """x [B, K, R, ...]: writes value [B, K, ...] at slot i32[B, K] where enabled."""
-  b, kh, r = x.shape[:3]
-  idx = jnp.where(enabled, slot, r)
-  bi, ki = jnp.meshgrid(jnp.arange(b), jnp.arange(kh), indexing="ij")
-  return _body.set_at(x, (bi, ki, idx), value)
-
-
-def _get_slot(x: jax.Array, slot: jax.Array) -> jax.Array:
-  """x [B, K, R, ...] at slot i32[B, K] -> [B, K, ...]."""
-  idx = jnp.clip(slot, 0, x.shape[2] - 1).reshape(slot.shape + (1,) * (x.ndim - 2))
-  return jnp.take_along_axis(x, idx, axis=2)[:, :, 0]
-
-
-def _shift(x: jax.Array, n: int, enabled: jax.Array, axis: int = 2) -> jax.Array:
-  """Drops the first n slots along `axis` (filling the tail with zeros / -1 for ints) where enabled [B, K]."""
-  fill = -1 if jnp.issubdtype(x.dtype, jnp.integer) else 0
-  tail = jnp.full(x.shape[:axis] + (n,) + x.shape[axis + 1:], fill, x.dtype)
-  shifted = jnp.concatenate([jax.lax.slice_in_dim(x, n, x.shape[axis], axis=axis), tail], axis=axis)
-  return jnp.where(enabled.reshape(enabled.shape + (1,) * (x.ndim - 2)), shifted, x)
 
 
 def _write_body(ckv: CompressedKV, stored, rows: jax.Array, first_slot: jax.Array, enabled: jax.Array, impl):
@@ -77,18 +56,18 @@ def _write_pos(ckv: CompressedKV, pos: jax.Array, slot: jax.Array, enabled: jax.
   return out.reshape(ckv.body_pos.shape)
 
 
-def _push(ckv: CompressedKV, k_t, v_t, score=None, rows=None):
+def _push(ckv: CompressedKV, rule: DecodeRule, k_t, v_t, score=None, rows=None):
   """Step 1: the new token goes to the sinks while they are not full, else to the recent buffer.
 
-  score: f32[B, K] attention the token has already received (H2O; akv_jax.extend), else it starts at 0.
+  score: f32[B, K] attention the token has already received (akv_jax.extend), else 0; the rule's state takes it.
   rows: bool[B] rows that take a token (akv_jax.extend's ragged chunks); the others are left as they are.
   """
   z = ckv.sink_k.shape[2]
   rows = jnp.ones(ckv.sink_fill.shape, bool) if rows is None else rows
   to_sink = (ckv.sink_fill < z) & rows                                   # [B]
   sink_on = jnp.broadcast_to(to_sink[:, None], ckv.key_fill.shape)
-  sink_k = _set_slot(ckv.sink_k, jnp.broadcast_to(ckv.sink_fill[:, None], sink_on.shape), k_t, sink_on)
-  sink_v = _set_slot(ckv.sink_v, jnp.broadcast_to(ckv.sink_fill[:, None], sink_on.shape), v_t, sink_on)
+  sink_k = _body.set_slot(ckv.sink_k, jnp.broadcast_to(ckv.sink_fill[:, None], sink_on.shape), k_t, sink_on)
+  sink_v = _body.set_slot(ckv.sink_v, jnp.broadcast_to(ckv.sink_fill[:, None], sink_on.shape), v_t, sink_on)
   nk = ckv.recent_fill
   room = nk < ckv.recent_capacity
   to_recent = ~sink_on & rows[:, None]
@@ -96,13 +75,11 @@ def _push(ckv: CompressedKV, k_t, v_t, score=None, rows=None):
   pos = jnp.broadcast_to(ckv.next_pos[:, None], nk.shape)
   updates = dict(
       sink_k=sink_k, sink_v=sink_v, sink_fill=ckv.sink_fill + to_sink.astype(jnp.int32),
-      recent_k=_set_slot(ckv.recent_k, nk, k_t, on), recent_v=_set_slot(ckv.recent_v, nk, v_t, on),
-      recent_pos=_set_slot(ckv.recent_pos, nk, pos, on), recent_fill=nk + on.astype(jnp.int32),
+      recent_k=_body.set_slot(ckv.recent_k, nk, k_t, on), recent_v=_body.set_slot(ckv.recent_v, nk, v_t, on),
+      recent_pos=_body.set_slot(ckv.recent_pos, nk, pos, on), recent_fill=nk + on.astype(jnp.int32),
       next_pos=ckv.next_pos + rows.astype(jnp.int32), dropped=ckv.dropped + (to_recent & ~room).astype(jnp.int32))
-  if ckv.scores is not None:
-    m = ckv.scores.shape[-1] - ckv.recent_capacity
-    score = jnp.zeros(nk.shape) if score is None else score
-    updates["scores"] = _set_slot(ckv.scores, m + nk, score, on)
+  score = jnp.zeros(nk.shape) if score is None else score
+  updates["state"] = rule.push(ckv.state, nk, score, on, ckv.recent_capacity)
   return dataclasses.replace(ckv, **updates)
 
 
@@ -113,9 +90,9 @@ def _flush_kivi(ckv: CompressedKV, recent: int, flush: int, impl, rows) -> Compr
   kb, vb, nk = ckv.key_fill, ckv.value_fill, ckv.recent_fill
   need_v = (kb + nk - vb > recent) & (vb < cap) & rows[:, None]
   d = vb - kb
-  value = _get_slot(ckv.recent_v, d)[:, :, None]
+  value = _body.get_slot(ckv.recent_v, d)[:, :, None]
   body_v = _write_body(ckv, ckv.body_v, value, vb, need_v, impl)
-  body_pos = _write_pos(ckv, _get_slot(ckv.recent_pos, d), vb, need_v)
+  body_pos = _write_pos(ckv, _body.get_slot(ckv.recent_pos, d), vb, need_v)
   vb = vb + need_v.astype(jnp.int32)
   ckv = dataclasses.replace(ckv, body_v=body_v, body_pos=body_pos, value_fill=vb)
 
@@ -124,40 +101,26 @@ def _flush_kivi(ckv: CompressedKV, recent: int, flush: int, impl, rows) -> Compr
   return dataclasses.replace(
       ckv, body_k=body_k, key_fill=kb + flush * need_k.astype(jnp.int32),
       recent_fill=nk - flush * need_k.astype(jnp.int32),
-      recent_k=_shift(ckv.recent_k, flush, need_k), recent_v=_shift(ckv.recent_v, flush, need_k),
-      recent_pos=_shift(ckv.recent_pos, flush, need_k))
+      recent_k=_body.shift(ckv.recent_k, flush, need_k), recent_v=_body.shift(ckv.recent_v, flush, need_k),
+      recent_pos=_body.shift(ckv.recent_pos, flush, need_k))
 
 
-def _flush_evict(ckv: CompressedKV, recent: int, impl, rows) -> CompressedKV:
-  """Step 2 for bounded caches: the token leaving the window moves to a free or weaker body slot, or is dropped
-  (rows bool[B]: the rows that took a token)."""
+def _flush_evict(ckv: CompressedKV, rule: DecodeRule, recent: int, impl, rows) -> CompressedKV:
+  """Step 2 for bounded caches: the token leaving the window moves to the body slot the rule picks (a free one,
+  or a weaker token's), or is dropped (rows bool[B]: the rows that took a token)."""
   kb, nk = ckv.key_fill, ckv.recent_fill
   leave = (nk > recent) & rows[:, None]
   cap = _body.head_capacity(ckv)
-  m = ckv.body_pos.shape[2]
-  target, place = kb, leave & (kb < cap)
-  scores = ckv.scores
-  if scores is not None and m > 0:
-    body_scores = jnp.where(jnp.arange(m)[None, None, :] < kb[..., None], scores[..., :m], jnp.inf)
-    victim = jnp.argmin(body_scores, axis=-1).astype(jnp.int32)
-    mine = scores[..., m]
-    beats = mine > jnp.min(body_scores, axis=-1)
-    full = kb >= cap
-    target = jnp.where(full, victim, kb)
-    place = leave & (~full | beats)
-    scores = _set_slot(scores, target, mine, place)
+  target, place, state = rule.place(ckv.state, kb, cap, leave, ckv.recent_capacity)
   grow = leave & (kb < cap)
-  k_row = ckv.recent_k[:, :, :1]
-  body_k = _write_body(ckv, ckv.body_k, k_row, target, place, impl)
+  body_k = _write_body(ckv, ckv.body_k, ckv.recent_k[:, :, :1], target, place, impl)
   body_v = _write_body(ckv, ckv.body_v, ckv.recent_v[:, :, :1], target, place, impl)
   body_pos = _write_pos(ckv, ckv.recent_pos[:, :, 0], target, place)
-  if scores is not None:
-    scores = jnp.concatenate([scores[..., :m], _shift(scores[..., m:], 1, leave)], axis=-1)
   return dataclasses.replace(
-      ckv, body_k=body_k, body_v=body_v, body_pos=body_pos, scores=scores,
+      ckv, body_k=body_k, body_v=body_v, body_pos=body_pos, state=state,
       key_fill=kb + grow.astype(jnp.int32), value_fill=ckv.value_fill + grow.astype(jnp.int32),
-      recent_fill=nk - leave.astype(jnp.int32), recent_k=_shift(ckv.recent_k, 1, leave),
-      recent_v=_shift(ckv.recent_v, 1, leave), recent_pos=_shift(ckv.recent_pos, 1, leave))
+      recent_fill=nk - leave.astype(jnp.int32), recent_k=_body.shift(ckv.recent_k, 1, leave),
+      recent_v=_body.shift(ckv.recent_v, 1, leave), recent_pos=_body.shift(ckv.recent_pos, 1, leave))
 
 
 def _flush_unit(ckv: CompressedKV) -> int:
@@ -178,16 +141,13 @@ def _append(ckv: CompressedKV, k_t: jax.Array, v_t: jax.Array, policy: Policy, i
   if policy.evicting and (flush != 1 or isinstance(ckv.body_v, QuantizedTensor)):
     raise ValueError(f"policy {policy.name!r} evicts but this cache was not built by an evicting policy "
                      "(its body is quantized)")
-  if policy.decode.accumulates != (ckv.scores is not None):
-    state = "carries no accumulated attention" if ckv.scores is None else "carries accumulated attention"
-    raise ValueError(f"policy {policy.name!r} has decode rule {policy.decode.name!r}, but this cache {state}: "
-                     "decode a cache with the policy that built it")
+  check_state(ckv, policy)
   # The recent capacity is the bf16 window plus one flush unit of headroom (see Policy.layout).
   recent = ckv.recent_capacity - flush
   rows = jnp.ones(ckv.sink_fill.shape, bool) if rows is None else rows
-  ckv = _push(ckv, k_t, v_t, score, rows)
+  ckv = _push(ckv, policy.decode, k_t, v_t, score, rows)
   if policy.evicting:
-    return _flush_evict(ckv, recent, impl, rows)
+    return _flush_evict(ckv, policy.decode, recent, impl, rows)
   return _flush_kivi(ckv, recent, flush, impl, rows)
 
 
@@ -211,14 +171,35 @@ def append(ckv: CompressedKV, k_t: jax.Array, v_t: jax.Array, policy: Policy, *,
   return _append(ckv, k_t, v_t, policy, implementation, interpret)
 
 
-@jax.jit
-def observe(ckv: CompressedKV, probs: jax.Array) -> CompressedKV:
-  """Adds attention probabilities f32[B, K, M + R] (from `attend(..., return_probs=True)`) to H2O's scores.
+def check_state(ckv: CompressedKV, policy: Policy) -> None:
+  """Raises unless the cache carries the state its policy's decode rule keeps (a cache decoded with another
+  policy than the one that built it)."""
+  want = policy.decode.state_type
+  have = type(ckv.state) if ckv.state is not None else None
+  if want is not have:
+    def says(t):
+      return "no decode-rule state" if t is None else f"decode-rule state {t.__name__}"
+    raise ValueError(f"policy {policy.name!r} has decode rule {policy.decode.name!r}, which keeps {says(want)}, "
+                     f"but this cache carries {says(have)}: decode a cache with the policy that built it")
 
-  A cache without accumulated scores (every policy but H2O) is returned unchanged.
+
+@functools.partial(jax.jit, static_argnames=("policy",))
+def observe(ckv: CompressedKV, probs: jax.Array, policy: Policy | None = None) -> CompressedKV:
+  """Gives the policy's decode rule a step's attention probabilities f32[B, K, M + R] (from
+  `attend(..., return_probs=True)`); H2O adds them to each slot's accumulated attention.
+
+  policy: the policy the cache was built with; when omitted, the rule is the one whose state the cache carries
+  (HeavyHitter for AttentionTotals). A cache whose rule keeps no state is returned unchanged.
   """
-  if ckv.scores is None:
+  if policy is not None:
+    check_state(ckv, policy)
+    rule = policy.decode
+  elif ckv.state is None:
     return ckv
-  if probs.shape != ckv.scores.shape:
-    raise ValueError(f"probs shape {probs.shape} does not match the cache's score slots {ckv.scores.shape}")
-  return dataclasses.replace(ckv, scores=ckv.scores + probs.astype(jnp.float32))
+  else:
+    rule = _RULE_OF_STATE[type(ckv.state)]
+  return dataclasses.replace(ckv, state=rule.observe(ckv.state, probs))
+
+
+# The rule that owns each state type, for observe without a policy.
+_RULE_OF_STATE = {cls.state_type: cls() for cls in DECODE_RULES.values() if cls.state_type is not None}

@@ -27,11 +27,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from akv_jax import validation
+from akv_jax import dispatch, validation
 from akv_jax.attention import cache_slots
 from akv_jax.cache import CompressedKV
-from akv_jax import dispatch
-from akv_jax.decode import _append
+from akv_jax.decode import _append, check_state
 from akv_jax.policy import Policy
 
 _MASKED = -1e30
@@ -84,15 +83,15 @@ def _extend(q, k, v, ckv: CompressedKV, policy: Policy, counts, scale, implement
   counts = jnp.full((b,), t, jnp.int32) if counts is None else jnp.asarray(counts, jnp.int32)
   scale = 1.0 / math.sqrt(h) if scale is None else scale
   out, old_probs, new_probs = _attention(q, k, v, ckv, counts, scale)
-  if policy.decode.accumulates:
-    # Body and recent slots carry scores; sinks are never evicted, so theirs are not kept.
-    ckv = dataclasses.replace(ckv, scores=ckv.scores + old_probs[..., ckv.sink_k.shape[2]:])
+  check_state(ckv, policy)
+  # The rule sees the chunk's attention to the body and recent slots (sinks are never evicted, so it gets none
+  # of theirs), and each new token's from the later tokens of its chunk as it is appended.
+  ckv = dataclasses.replace(ckv, state=policy.decode.observe(ckv.state, old_probs[..., ckv.sink_k.shape[2]:]))
 
   def step(c, xs):
     k_t, v_t, score, i = xs
     # Rows past their count take no token: append leaves them as they are (no copy of the cache per step).
-    return _append(c, k_t, v_t, policy, implementation, interpret, score=score if policy.decode.accumulates else None,
-                   rows=i < counts), None
+    return _append(c, k_t, v_t, policy, implementation, interpret, score=score, rows=i < counts), None
 
   xs = (jnp.moveaxis(k, 2, 0), jnp.moveaxis(v, 2, 0), jnp.moveaxis(new_probs, 2, 0), jnp.arange(t))
   ckv, _ = jax.lax.scan(step, ckv, xs)

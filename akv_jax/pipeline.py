@@ -159,18 +159,22 @@ def _compress(kv: DenseKV, obs: Observations, policy: Policy, lay: Layout) -> Co
     # Pool pages no head owns (none when the budgets sum exactly) read as empty.
     body_pos = jnp.where(_to_pool(vvalid, page_table, pool), body_pos, -1)
 
-  h2o = None
-  if policy.decode.accumulates:
-    # The decode rule's state: every kept slot's score so far, grown by akv.observe while decoding.
-    h2o = jnp.concatenate([jnp.where(vvalid, _take(scores, body_idx, vvalid), 0.0),
-                           jnp.where(rvalid, _take(scores, ridx, rvalid), 0.0)], axis=-1)
+  state = None
+  if policy.decode.state_type is not None:
+    # The decode rule starts from the selection scores of the tokens it holds (H2O: the attention they got).
+    if scores is None:
+      slot_scores = jnp.zeros((b, kh, m_heads + rc), jnp.float32)
+    else:
+      slot_scores = jnp.concatenate([jnp.where(vvalid, _take(scores, body_idx, vvalid), 0.0),
+                                     jnp.where(rvalid, _take(scores, ridx, rvalid), 0.0)], axis=-1)
+    state = policy.decode.initial_state(slot_scores)
   return CompressedKV(
       sink_k=_take(kv.k, sidx, svalid), sink_v=_take(kv.v, sidx, svalid),
       body_k=body_k, body_v=body_v, body_pos=body_pos.astype(jnp.int32),
       key_fill=kb.astype(jnp.int32), value_fill=vb.astype(jnp.int32),
       recent_k=recent_k, recent_v=recent_v, recent_pos=recent_pos.astype(jnp.int32),
       recent_fill=recent_fill.astype(jnp.int32), sink_fill=sink_fill, next_pos=lengths,
-      dropped=jnp.zeros((b, kh), jnp.int32), page_table=page_table, scores=h2o, page_size=page_size)
+      dropped=jnp.zeros((b, kh), jnp.int32), page_table=page_table, state=state, page_size=page_size)
 
 
 # Compiled per (policy, layout), not per layer: layers whose budgets and bits agree share one program.

@@ -82,10 +82,10 @@ def copy_bandwidth(gib: float, reps: int) -> float:
 
 
 def read_bytes(ckv: akv.CompressedKV) -> int:
-  """Bytes the fused kernel loads from a cache: everything it stores except the token positions."""
+  """Bytes the fused kernel loads from a cache: everything it stores except the token positions and the decode
+  rule's state."""
   skip = {id(ckv.body_pos), id(ckv.recent_pos), id(ckv.next_pos), id(ckv.dropped)}
-  if ckv.scores is not None:
-    skip.add(id(ckv.scores))
+  skip |= {id(x) for x in jax.tree_util.tree_leaves(ckv.state)}   # the decode rule's state (H2O's totals)
   return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(ckv) if id(x) not in skip)
 
 

@@ -385,7 +385,7 @@ def _decode(config: LlamaConfig, params, cache, tokens, policy: Policy, implemen
     c = akv.append(cache[layer], k[:, 0], v[:, 0], policy, **kernels)
     if policy.decode.accumulates:   # the decode rule's state grows by each step's attention (H2O)
       out, probs = akv.attend(q[:, 0], c, return_probs=True, **kernels)
-      c = akv.observe(c, probs)
+      c = akv.observe(c, probs, policy)
     else:
       out = akv.attend(q[:, 0], c, **kernels)
     return out[:, None], c

@@ -205,12 +205,18 @@ def test_attend_and_append_errors(kv, q_obs):
   hckv = akv.compress(kv, h2o, queries=q_obs)
   with pytest.raises(ValueError, match=r"probs shape \(2, 2, 3\) does not match the cache's score slots"):
     akv.observe(hckv, jnp.zeros((2, 2, 3)))
-  with pytest.raises(ValueError, match="policy 'h2o' has decode rule 'heavy_hitter', but this cache carries no "
-                                       "accumulated attention"):
+  with pytest.raises(ValueError, match="policy 'h2o' has decode rule 'heavy_hitter', which keeps decode-rule "
+                                       "state AttentionTotals, but this cache carries no decode-rule state"):
     akv.append(akv.compress(kv, akv.presets.get("streaming")), kv.k[:, :, 0], kv.v[:, :, 0], h2o)
-  with pytest.raises(ValueError, match="policy 'streaming' has decode rule 'sliding_window', but this cache "
-                                       "carries accumulated attention"):
+  with pytest.raises(ValueError, match="policy 'streaming' has decode rule 'sliding_window', which keeps no "
+                                       "decode-rule state, but this cache carries decode-rule state AttentionTotals"):
     akv.append(hckv, kv.k[:, :, 0], kv.v[:, :, 0], akv.presets.get("streaming"))
+  with pytest.raises(ValueError, match="which keeps decode-rule state AttentionTotals, but this cache carries no"):
+    akv.observe(akv.compress(kv, akv.presets.get("streaming")), jnp.zeros((2, 2, 3)), h2o)
+  with pytest.raises(ValueError, match="but this cache carries no decode-rule state"):
+    akv.extend(q_obs[:, :, :2], kv.k[:, :, :2], kv.v[:, :, :2], akv.compress(kv, akv.presets.get("streaming")), h2o)
+  with pytest.raises(AttributeError, match=r"CompressedKV.scores moved into the decode rule's state: .*ckv.state.scores"):
+    hckv.scores  # noqa: B018 (the old field name fails, naming the new one)
 
 
 def test_adakv_cap_too_small_for_budget():

@@ -117,7 +117,7 @@ def _scored_slots(ckv):
   slot = np.arange(pos.shape[-1])
   valid = np.where(slot < m, slot < np.asarray(ckv.key_fill)[..., None],
                    slot - m < np.asarray(ckv.recent_fill)[..., None])
-  scores = np.asarray(ckv.scores)
+  scores = np.asarray(ckv.state.scores)
   return {(b, k, int(pos[b, k, i])): float(scores[b, k, i]) for b, k, i in zip(*np.nonzero(valid))}
 
 

@@ -347,4 +347,4 @@ def test_votes_select_like_queries(name):
   np.testing.assert_array_equal(got_d.lengths, want_d.lengths)
   np.testing.assert_allclose(akv.attend(q, got), akv.attend(q, want), rtol=1e-5, atol=1e-6)
   if h2o:   # the accumulated scores decoding keeps updating start from the same values
-    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.state.scores, want.state.scores, rtol=1e-5, atol=1e-6)
