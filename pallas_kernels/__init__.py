@@ -5,6 +5,7 @@ CompressedKV onto decode_attention and akv.attend(implementation=...) dispatches
 
   decode_attention   fused split-K decode attention over packed 2/4/8-bit or bf16 bodies, dense or paged
   quantize_pack      group min/max, rounding and bit packing in one pass (KIVI layout)
+  quant_reference    the one quantizer reference: codes, packing and the dequantize formula in plain jnp
   prefill_attention  causal flash attention for prefill that also returns SnapKV / H2O attention votes
   lowering           CUDA lowering with the Triton module verified, for CPU-only CI
 """
@@ -13,6 +14,7 @@ from pallas_kernels.decode import Format as Format
 from pallas_kernels.decode import combine as combine
 from pallas_kernels.decode import decode_attention as decode_attention
 from pallas_kernels.decode import decode_attention_reference as decode_attention_reference
+from pallas_kernels import quant_reference as quant_reference
 from pallas_kernels.lowering import lower_for_cuda as lower_for_cuda
 from pallas_kernels.prefill_scores import prefill_attention as prefill_attention
 from pallas_kernels.prefill_scores import prefill_attention_reference as prefill_attention_reference

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import quant_reference
 from pallas_kernels.dots import dot_nn, dot_nt
 
 _MASKED = -1e30          # finite, so a fully masked block cannot produce inf - inf = NaN
@@ -476,20 +477,14 @@ def combine(o: jax.Array, m: jax.Array, l: jax.Array, g: int) -> jax.Array:
 # ------------------------------------------------------------------------------------------------ reference
 
 
-def _unpack(codes: jax.Array, bits: int) -> jax.Array:
-  n = 8 // bits
-  shifts = (jnp.arange(n, dtype=jnp.int32) * bits)[:, None]
-  blocks = (codes.astype(jnp.int32)[..., None, :] >> shifts) & ((1 << bits) - 1)
-  return blocks.reshape(*codes.shape[:-1], n * codes.shape[-1]).astype(jnp.float32)
-
-
 def _dequant(body, bits: int, group: int, axis: int) -> jax.Array:
-  """Body keys (scales per `group` tokens, axis 2) or values (per `group` channels, axis 3) as f32."""
+  """Body keys (scales per `group` tokens, axis 2) or values (per `group` channels, axis 3) as f32, by the one
+  dequantize formula."""
   if bits == RAW:
     return body.astype(jnp.float32)
   codes, scale, zero = body
-  rep = lambda x: jnp.repeat(x.astype(jnp.float32), group, axis=axis)  # noqa: E731
-  return _unpack(codes, bits) * rep(scale) + rep(zero)
+  return quant_reference.dequantize(codes, scale, zero, bits=bits, group=group,
+                                    axis="channel" if axis == 2 else "token")
 
 
 def _heads(x: jax.Array, page_table, fmt: Format) -> jax.Array:

@@ -4,8 +4,8 @@ Axis legend: B batch, K kv heads, S tokens, H head dim.
 
 One program per (b, k, block of tokens) reads x once and writes the packed codes plus the float16 scale and zero
 of every group it owns, so quantizing a cache costs one pass over it. The result is bit-identical to the plain-jnp
-`quantize_pack_reference` below (itself equal to `akv_jax.quant.quantize`; this module does not import akv_jax so
-it stays testable alone):
+`quantize_pack_reference` below, which is the one quantizer reference (pallas_kernels.quant_reference, also what
+`akv_jax.quant.quantize` computes):
 
   zero  = group min (valid tokens only) rounded DOWN to float16,
   scale = (group max - zero) / (2^bits - 1) rounded UP to float16,
@@ -24,9 +24,9 @@ values on their bit pattern. Two divisions remain in the reference, and each is 
     by its f32 reciprocal, so what the reference computes is (max - zero) * fl32(1 / levels), and so does the
     kernel;
   - `1 / scale` (a runtime value): scale is a float16 with 11 significant bits, so fl32(1 / scale) comes from
-    an integer long division of its mantissa (`recip_f16`). The references call the same function rather than
-    divide, since XLA:GPU's f32 division is the approximate one too (on a GPU the kernel failed against
-    references that divided).
+    an integer long division of its mantissa (`quant_reference.recip_f16`). The reference calls the same function
+    rather than divide, since XLA:GPU's f32 division is the approximate one too (on a GPU the kernel failed
+    against references that divided).
 The tests prove each helper equal to its formula over every float16 (and the f32 values around each): XLA's
 for the roundings and the scale, IEEE division (numpy's, on the host) for the reciprocal.
 
@@ -48,8 +48,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-SUPPORTED_BITS = (2, 4, 8)
-AXES = ("channel", "token")
+from pallas_kernels import quant_reference as _ref
+from pallas_kernels.quant_reference import AXES, SUPPORTED_BITS, f16_bits, recip_f16
+
 # Rows of x per program when the caller does not say: 64 x H elements keeps a tile within the registers of 4
 # warps for H <= 128.
 DEFAULT_BLOCK_TOKENS = 64
@@ -119,11 +120,6 @@ def check_quantize_pack_args(x_shape, x_dtype, lengths_shape, *, bits: int, grou
 # These run on plain arrays of any shape, inside the kernel or outside it.
 
 
-def _f16_bits(v16: jax.Array) -> jax.Array:
-  """float16 -> its bit pattern as int32 in [0, 65535] (int16 sign-extends, hence the mask)."""
-  return lax.bitcast_convert_type(v16, jnp.int16).astype(jnp.int32) & 0xFFFF
-
-
 def _f16_from_bits(u: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(u.astype(jnp.int16), jnp.float16)
 
@@ -134,7 +130,7 @@ def _next_f16(v16: jax.Array, up: bool) -> jax.Array:
   Moving up means a larger magnitude for positives and a smaller one for negatives; both zeros step to the
   smallest subnormal of the target sign and the infinity of the target sign stays put, as IEEE nextafter does.
   """
-  u = _f16_bits(v16)
+  u = f16_bits(v16)
   neg = u >= _F16_SIGN
   step = jnp.where(neg, u - 1, u + 1) if up else jnp.where(neg, u + 1, u - 1)
   from_zero = 0x0001 if up else _F16_SIGN | 0x0001
@@ -157,38 +153,6 @@ def _scale_f16(t: jax.Array, levels: int) -> jax.Array:
   would turn the division into the approximate div.full.f32, so the multiplication is written out.
   """
   return _round_f16(t * (np.float32(1) / np.float32(levels)), up=True)
-
-
-def recip_f16(s16: jax.Array) -> jax.Array:
-  """float16 s >= 0 -> fl32(1 / s) as f32, 0 where s is 0 or inf, by integer long division.
-
-  Plain jnp, so the references use it too: an f32 division is IEEE on XLA:CPU but the approximate div.full.f32
-  on XLA:GPU as on Triton (openxla/xla#37181), so `1 / scale` would give different codes on the two platforms.
-
-  A normal s with exponent field E is M * 2^(E - 25) with an integer mantissa M in [1024, 2047] (a subnormal is
-  shifted into that range), so 1/s = (2^10 / M) * 2^(15 - E), an exact power-of-2 scaling of 2^10 / M in (1/2, 1].
-  Its 24-bit significand round(2^34 / M) takes two int32 division steps (2^21 / M, then the remainder shifted by
-  13) and a round-half-up on the last remainder, which never ties: 2^34 / M is a midpoint only if M is a power of
-  2, and then the remainder is 0.
-  """
-  u = _f16_bits(s16) & _F16_MAG
-  e = u >> 10
-  f = u & 0x3FF
-  # Subnormal: shift the mantissa so its top bit lands on bit 10 (clz of an int32 below 2^10 is >= 22).
-  shift = jnp.maximum(lax.clz(jnp.maximum(f, 1)) - 21, 0)
-  m = jnp.where(e == 0, f << shift, f | 0x400)
-  # 1/s = Q * 2^(p - 24) with Q = round(2^34 / M); p = 15 - e for normals, 14 + shift for subnormals.
-  p = jnp.where(e == 0, 14 + shift, 15 - e)
-  m = jnp.maximum(m, 1024)  # zero and inf lanes: keep the division well defined, masked below
-  q1 = lax.div(jnp.full_like(m, 1 << 21), m)
-  r1 = (1 << 21) - q1 * m
-  t = r1 << 13
-  q2 = lax.div(t, m)
-  r2 = t - q2 * m
-  q = (q1 << 13) + q2 + (2 * r2 > m).astype(jnp.int32)
-  pow2 = lax.bitcast_convert_type((127 + p - 24) << 23, jnp.float32)
-  inv = q.astype(jnp.float32) * pow2
-  return jnp.where((u == 0) | (e == 31), 0.0, inv)
 
 
 def _pack_rows(codes: jax.Array, bits: int) -> jax.Array:
@@ -342,33 +306,8 @@ def _quantize_pack_into(x, lengths, init, *, bits, group, axis, block_tokens=Non
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "axis"))
 def quantize_pack_reference(x: jax.Array, lengths: jax.Array, *, bits: int, group: int, axis: str):
-  """Plain-jnp `quantize_pack`: same arguments (no power-of-2 limits) and outputs, written the obvious way."""
+  """Plain-jnp `quantize_pack`: same arguments (no power-of-2 limits) and outputs, from the one quantizer
+  reference (pallas_kernels.quant_reference)."""
   _check_common(x.shape, x.dtype, lengths.shape, bits, group, axis)
-  b, k, s, h = x.shape
-  xf = x.astype(jnp.float32)
-  valid = jnp.arange(s) < lengths[..., None]  # bool[B, K, S]
-  valid = jnp.broadcast_to(valid[..., None], x.shape)
-  if axis == "channel":
-    view, red = (b, k, s // group, group, h), 3
-  else:
-    view, red = (b, k, s, h // group, group), 4
-  g, gv = xf.reshape(view), valid.reshape(view)
-  empty = ~jnp.any(gv, axis=red)
-  mn = jnp.where(empty, 0.0, jnp.min(jnp.where(gv, g, jnp.inf), axis=red))
-  mx = jnp.where(empty, 0.0, jnp.max(jnp.where(gv, g, -jnp.inf), axis=red))
-  levels = (1 << bits) - 1
-  zero16 = mn.astype(jnp.float16)
-  zero16 = jnp.where(zero16.astype(jnp.float32) > mn, jnp.nextafter(zero16, jnp.float16(-jnp.inf)), zero16)
-  scale32 = (mx - zero16.astype(jnp.float32)) / levels
-  scale16 = scale32.astype(jnp.float16)
-  scale16 = jnp.where(scale16.astype(jnp.float32) < scale32, jnp.nextafter(scale16, jnp.float16(jnp.inf)),
-                      scale16)
-  zero = jnp.expand_dims(zero16.astype(jnp.float32), red)
-  inv = jnp.expand_dims(recip_f16(scale16), red)  # fl32(1 / scale), 0 where scale is 0, on every platform
-  codes = jnp.clip(jnp.floor((g - zero) * inv + 0.5), 0, levels)
-  codes = jnp.where(gv, codes, 0).astype(jnp.uint8).reshape(x.shape)
-  n = 8 // bits
-  sub = codes.reshape(b, k, s, n, h // n)
-  shifts = (jnp.arange(n, dtype=jnp.uint8) * bits)[:, None]
-  packed = jnp.sum(sub << shifts, axis=3, dtype=jnp.uint8)
-  return packed, scale16, zero16
+  valid = jnp.arange(x.shape[2]) < lengths[..., None]  # bool[B, K, S]
+  return _ref.quantize(x, valid, bits=bits, group=group, axis=axis)

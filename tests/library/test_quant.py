@@ -116,8 +116,9 @@ def test_shape_errors():
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_every_path_reads_codes_with_the_one_dequantize_formula(bits):
-  """akv.dequantize is the formula (x = code * scale + zero); the kernels' reference, the chunked XLA path and the
-  body readers mirror it, and must give the same numbers from the same QuantizedTensor."""
+  """akv.dequantize is the formula (x = code * scale + zero, pallas_kernels.quant_reference.dequantize), which the
+  decode kernel's reference calls; the chunked XLA path and the body readers mirror it, and must give the same
+  numbers from the same QuantizedTensor."""
   from akv_jax import body as _body
   from akv_jax import chunked
   from pallas_kernels import decode as kernel_decode
