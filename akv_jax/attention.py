@@ -20,8 +20,7 @@ from akv_jax import dispatch
 from akv_jax import fused as _fused
 from akv_jax import validation
 from akv_jax.cache import CompressedKV
-
-_MASKED = -1e30  # finite: a fully masked row gives a uniform softmax over nothing rather than NaN
+from akv_jax.softmax import masked_softmax
 
 
 def _scores(qg: jax.Array, keys: jax.Array) -> jax.Array:
@@ -74,9 +73,7 @@ def _attend(q: jax.Array, ckv: CompressedKV, scale: float | None, return_probs: 
   keys, values, kpos, valid = cache_slots(ckv)
   s = _scores(qg, keys)
   visible = valid[:, :, None, None, :] & (kpos[:, :, None, None, :] <= qpos)
-  s = jnp.where(visible, s, _MASKED)
-  p = jax.nn.softmax(s, axis=-1)
-  p = jnp.where(visible, p, 0.0)
+  p = masked_softmax(s, visible)
   out = jnp.einsum("BKGTS,BKSH->BKGTH", p, values).reshape(b, n, t, h).astype(q.dtype)
   if single:
     out = out[:, :, 0]
@@ -139,6 +136,5 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array
   lengths = jnp.asarray(lengths)
   lk = lengths[:, None] if lengths.ndim == 1 else lengths
   mask = jnp.arange(s)[None, None, :] < lk[..., None]
-  sc = jnp.where(mask[:, :, None], sc, _MASKED)
-  p = jnp.where(mask[:, :, None], jax.nn.softmax(sc, axis=-1), 0.0)
+  p = masked_softmax(sc, mask[:, :, None])
   return jnp.einsum("BKGS,BKSH->BKGH", p, v.astype(jnp.float32)).reshape(b, n, h).astype(q.dtype)

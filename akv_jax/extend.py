@@ -32,8 +32,7 @@ from akv_jax.attention import cache_slots
 from akv_jax.cache import CompressedKV
 from akv_jax.decode import _append, check_state
 from akv_jax.policy import Policy
-
-_MASKED = -1e30
+from akv_jax.softmax import masked_softmax
 
 
 def _check(q, k, v, ckv: CompressedKV, counts) -> tuple[int, int, int, int, int]:
@@ -66,9 +65,7 @@ def _attention(q, k, v, ckv: CompressedKV, counts, scale: float):
   causal = (tq[None, :] <= tq[:, None])[None] & real[:, None, :]          # [B, T(query), T(key)]
   old_vis = jnp.broadcast_to(valid[:, :, None, None, :], s_old.shape)
   new_vis = jnp.broadcast_to(causal[:, None, None], s_new.shape)
-  scores = jnp.concatenate([jnp.where(old_vis, s_old, _MASKED), jnp.where(new_vis, s_new, _MASKED)], axis=-1)
-  vis = jnp.concatenate([old_vis, new_vis], axis=-1)
-  p = jnp.where(vis, jax.nn.softmax(scores, axis=-1), 0.0)
+  p = masked_softmax(jnp.concatenate([s_old, s_new], axis=-1), jnp.concatenate([old_vis, new_vis], axis=-1))
   p = jnp.where(real[:, None, None, :, None], p, 0.0)            # padded queries count for nothing
   c = keys.shape[2]
   out = (jnp.einsum("BKGTC,BKCH->BKGTH", p[..., :c], values)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from akv_jax import body as _body
 from akv_jax.cache import CompressedKV, DenseKV, QuantizedTensor, dense_bf16_bytes, nbytes
 from akv_jax.pipeline import logical_view
+from akv_jax.softmax import masked_softmax
 
 
 def _bits(x) -> int:
@@ -33,8 +34,7 @@ def _full_attention(q: jax.Array, kv: DenseKV) -> jax.Array:
   qg = q.astype(jnp.float32).reshape(b, kh, n // kh, t, h) / math.sqrt(h)
   sc = jnp.einsum("BKGTH,BKSH->BKGTS", qg, kv.k.astype(jnp.float32))
   valid = kv.valid()[:, :, None, None, :]
-  p = jax.nn.softmax(jnp.where(valid, sc, -1e30), axis=-1)
-  return jnp.mean(jnp.where(valid, p, 0.0), axis=2)
+  return jnp.mean(masked_softmax(sc, valid), axis=2)
 
 
 @jax.jit

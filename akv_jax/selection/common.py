@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from akv_jax.cache import DenseKV
+from akv_jax.softmax import masked_softmax
 
 # Sinks must outrank any position-based score, yet stay finite so that callers may still add or compare
 # scores without producing inf - inf.
@@ -87,13 +88,7 @@ def gqa_softmax(q: jax.Array, kv: DenseKV, q_pos: jax.Array | None) -> jax.Array
     k_pos = kv.token_positions()[:, :, None, None, :]
     qp = q_pos[:, :, None, :, None]
     mask = mask & (k_pos <= qp) & (qp >= 0)
-  # `where` (not adding -inf) so NaN/inf in padded keys cannot leak through the max or the sum.
-  logits = jnp.where(mask, logits, -jnp.inf)
-  m = jnp.max(logits, axis=-1, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  e = jnp.where(mask, jnp.exp(logits - m), 0.0)
-  den = jnp.sum(e, axis=-1, keepdims=True)
-  return e / jnp.where(den > 0, den, 1.0)
+  return masked_softmax(logits, mask)
 
 
 def mask_invalid(scores: jax.Array, kv: DenseKV) -> jax.Array:

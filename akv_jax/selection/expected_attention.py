@@ -30,6 +30,7 @@ from jax import lax
 from akv_jax.cache import DenseKV
 from akv_jax.selection import common
 from akv_jax.selection.base import Needs, Observations, Scorer, register
+from akv_jax.softmax import masked_softmax
 
 
 def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -99,11 +100,7 @@ def expected_attention_scores(queries: jax.Array, kv: DenseKV, inv_freq: jax.Arr
     logits = logits + jnp.einsum("BKSI,BKGIJ,BKSJ->BKGS", k, sigma, k, precision=hp) / (2 * h)
   key_pos = kv.token_positions()
   candidate = kv.valid() & (key_pos >= n_sink)                            # [B, K, S]
-  logits = jnp.where(candidate[:, :, None], logits, -jnp.inf)
-  m = jnp.max(logits, axis=-1, keepdims=True)
-  e = jnp.where(candidate[:, :, None], jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-  probs = e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
-  scores = jnp.mean(probs, axis=2)                                         # [B, K, S]
+  scores = jnp.mean(masked_softmax(logits, candidate[:, :, None]), axis=2)                                         # [B, K, S]
   if value_norm:
     scores = (scores + epsilon) * jnp.linalg.norm(kv.v.astype(jnp.float32), axis=-1)
   scores = jnp.where(key_pos < n_sink, common.SINK_SCORE, scores)
