@@ -29,12 +29,11 @@ if __package__ in (None, ""):
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from tqdm import tqdm
 
 import akv_jax as akv
 from akv_jax import models
-from experiments.run_proxy_experiment import apply_set
+from experiments import config_files, result_files
 
 # ------------------------------------------------------------------------------------------------ metrics
 
@@ -191,14 +190,7 @@ class LongBenchConfig:
 
 
 def load_config(path: str | None, sets: tuple[str, ...]) -> LongBenchConfig:
-  raw = (yaml.safe_load(pathlib.Path(path).read_text()) or {}) if path else {}
-  for s in sets:
-    apply_set(raw, s)
-  fields = {f.name for f in dataclasses.fields(LongBenchConfig)}
-  unknown = sorted(set(raw) - fields)
-  if unknown:
-    raise ValueError(f"unknown config field(s) {unknown}; known: {sorted(fields)}")
-  return LongBenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+  return config_files.load(path, LongBenchConfig, sets=sets)
 
 
 def run(cfg: LongBenchConfig, data_dir: str, model_path: str, *, progress: bool = True) -> dict:
@@ -251,10 +243,10 @@ def main(argv: list[str] | None = None) -> dict:
     results = run(cfg, args.data_dir, args.model_path, progress=not args.no_progress)
   except (ValueError, OSError) as e:
     raise SystemExit(f"error: {e}") from e
-  results.update(command=" ".join(["python experiments/longbench.py", *argv]), config=dataclasses.asdict(cfg))
+  results.update(command=result_files.command_line("longbench.py", argv), config=dataclasses.asdict(cfg),
+                 machine=result_files.machine())
   out = pathlib.Path(cfg.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+  result_files.write_json(out / "results.json", results)
   md = ["| dataset | " + " | ".join(cfg.policies) + " |", "|---|" + "---:|" * len(cfg.policies)]
   for dataset, entry in results["datasets"].items():
     md.append(f"| {dataset} | " + " | ".join(f"{entry[p]['score']:.3f}" for p in cfg.policies) + " |")

@@ -33,7 +33,7 @@ import yaml
 
 import akv_jax as akv
 from experiments import run_quality_benchmarks as rqb
-from experiments import result_files, synthetic
+from experiments import config_files, result_files, synthetic
 
 FIELDS = ("policy", "baseline", "artifact", "artifact_path", "out")
 # Smallest artifact every preset accepts: S must hold the hybrid presets' 4 sinks + 128-token recent window at
@@ -54,22 +54,6 @@ class ExperimentConfig:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
-
-
-def apply_set(raw: dict[str, Any], assignment: str) -> None:
-  """Applies one `dotted.key=value` override to a raw config dict in place; the value is parsed as YAML."""
-  key, sep, text = assignment.partition("=")
-  if not sep or not key:
-    raise ValueError(f"--set {assignment!r} must look like key=value (e.g. artifact.seq_len=1024)")
-  value = yaml.safe_load(text) if text else None
-  *parents, leaf = key.split(".")
-  node = raw
-  for i, part in enumerate(parents):
-    child = node.setdefault(part, {})
-    if not isinstance(child, dict):
-      raise ValueError(f"--set {assignment!r}: {'.'.join(parents[:i + 1])} is {child!r}, not a mapping")
-    node = child
-  node[leaf] = value
 
 
 def resolve(raw: dict[str, Any], *, source: str = "config") -> ExperimentConfig:
@@ -106,17 +90,14 @@ def resolve(raw: dict[str, Any], *, source: str = "config") -> ExperimentConfig:
 
 def load_config(path: str, *, sets: tuple[str, ...] = (), tiny: bool = False) -> ExperimentConfig:
   """Reads the YAML at `path`, applies --tiny then the --set overrides, and validates."""
-  text = pathlib.Path(path).read_text()
-  raw = yaml.safe_load(text) or {}
-  if not isinstance(raw, dict):
-    raise ValueError(f"{path} must hold a mapping of {FIELDS}, got {type(raw).__name__}")
+  raw = config_files.read(path)
   if tiny:
     if raw.get("artifact_path") is not None:
       raise ValueError(f"--tiny shrinks the generated artifact; {path} loads artifact_path="
                        f"{raw['artifact_path']!r} instead")
     raw["artifact"] = {**(raw.get("artifact") or {}), **TINY_ARTIFACT}
   for assignment in sets:
-    apply_set(raw, assignment)
+    config_files.apply_set(raw, assignment)
   cfg = resolve(raw, source=path)
   if tiny and not any(s.startswith("out=") for s in sets):
     cfg = dataclasses.replace(cfg, out=f"{cfg.out}-tiny")  # never overwrite the full run's results

@@ -1,6 +1,9 @@
 """Trains the shipped tiny decoder on the RULER-style tasks (akv_jax.tasks) with optax, on CPU or a GPU.
 
-    python experiments/train_tiny.py --config experiments/train_tiny.yaml [--set key=value ...] [--tiny]
+    python experiments/train_tiny.py --config experiments/train_tiny.yaml [--set key=value ...] [--tiny] [--out DIR]
+
+The config is read as every runner's is (experiments/config_files.py): the YAML, then --tiny (a seconds-long smoke
+run, written to <out>-tiny unless --out is given, so it never overwrites the shipped model), then each --set.
 
 Loss: teacher-forced next-token loss on the answer tokens, plus (body_weight) the next-word loss over the body of
 the two word-frequency tasks, whose filler is their evidence; the other tasks' filler is random and unpredictable.
@@ -43,15 +46,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import yaml
 from tqdm import tqdm
 
 import akv_jax as akv
 from akv_jax import models, tasks
+from experiments import config_files
 from experiments.probe_answers import answer_positions
 from experiments.probe_lookup import lookup_accuracy
 from experiments.result_files import command_line, write_json
-from experiments.run_proxy_experiment import apply_set
 
 WORD_TASKS = ("common_words", "frequent_words")
 
@@ -236,23 +238,12 @@ def parse(argv) -> TrainConfig:
   parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
-  raw = yaml.safe_load(pathlib.Path(args.config).read_text()) if args.config else {}
-  raw = raw or {}
-  if args.tiny:
-    raw.update(TINY)
-  for item in args.set:
-    try:
-      apply_set(raw, item)
-    except ValueError as e:
-      raise SystemExit(f"error: {e}") from e
+  try:
+    cfg = config_files.load(args.config, TrainConfig, sets=tuple(args.set), tiny=TINY if args.tiny else None)
+  except (ValueError, OSError) as e:
+    raise SystemExit(f"error: {e}") from e
   if args.out:
-    raw["out"] = args.out
-  fields = {f.name for f in dataclasses.fields(TrainConfig)}
-  unknown = sorted(set(raw) - fields)
-  if unknown:
-    raise SystemExit(f"error: unknown config field(s) {unknown}; known: {sorted(fields)}")
-  raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-  cfg = TrainConfig(**raw)
+    cfg = dataclasses.replace(cfg, out=args.out)
   if len(cfg.final_mix) != len(cfg.lengths):
     raise SystemExit(f"error: final_mix {cfg.final_mix} needs one share per length in {cfg.lengths}")
   if max(cfg.lengths) > cfg.context or max(cfg.eval_lengths) > cfg.context:
