@@ -17,7 +17,6 @@ bf16 cache and jax.nn.dot_product_attention (XLA).
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
@@ -97,14 +96,13 @@ def main(argv=None) -> dict:
       print(f"  {name:11s} ratio {ratio:5.2f}x  xla {row['xla_ms']:7.2f} ms ({row['speedup_xla']:.2f}x)  "
             f"reference {row['reference_ms']:7.2f} ms ({row['speedup_reference']:.2f}x)")
     del caches, kv
-  result = dict(command="python experiments/bench_cpu_attention.py " + " ".join(argv or []),
+  result = dict(command=result_files.command_line("bench_cpu_attention.py", argv),
                 machine=result_files.machine(),
                 shape=dict(kv_heads=kh, q_heads=n, head_dim=h, layer=layers // 2, num_layers=layers,
                            dtype="bfloat16"),
                 reps=reps, rows=rows)
   out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=1) + "\n")
+  result_files.write_json(out, result)
   md = ["| policy | B | S | layer ratio | dense bf16 (best) ms | compressed xla ms | speedup (median of rounds) | reference ms |",
         "|---|---|---|---|---|---|---|---|"]
   for r in rows:

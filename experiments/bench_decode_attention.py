@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -40,7 +39,7 @@ import numpy as np
 
 import akv_jax as akv
 from akv_jax import testing
-from experiments.result_files import write_json
+from experiments.result_files import command_line, machine, write_json
 
 
 def loop_time_ms(step: Callable, q: jax.Array, *args, inner: int, reps: int) -> float:
@@ -128,8 +127,7 @@ def main(argv=None) -> dict:
   copy_gbs = copy_bandwidth(gib, reps)
   print(f"device {jax.devices()[0].device_kind}: copy {copy_gbs:.0f} GB/s (read + write)")
   baselines = dense_baselines(interpret)
-  meta = dict(command="python experiments/bench_decode_attention.py " + " ".join(argv or []),
-              device=jax.devices()[0].device_kind, jax=jax.__version__, platform=platform.machine(),
+  meta = dict(command=command_line("bench_decode_attention.py", argv), machine=machine(),
               copy_gbs=round(copy_gbs, 1), inner=inner, reps=reps, interpret=interpret,
               shape=dict(kv_heads=kh, q_heads=n, head_dim=h, layer=layers // 2, num_layers=layers))
   rows = []
@@ -189,7 +187,8 @@ def write(path: str, result: dict) -> dict:
   by its time limit still leaves what it measured."""
   copy_gbs, rows = result["copy_gbs"], result["rows"]
   write_json(path, result)
-  md = [f"{result['device']}, jax {jax.__version__}; copy bandwidth {copy_gbs:.0f} GB/s (read + write)", "",
+  host = result["machine"]
+  md = [f"{host['device_kind']}, jax {host['jax']}; copy bandwidth {copy_gbs:.0f} GB/s (read + write)", "",
         "| policy | S | B | layer ratio | fused ms | GB/s read | % of copy | chunked XLA ms | best dense ms | "
         "dense % of copy | speedup vs dense |",
         "|---|---|---|---|---|---|---|---|---|---|---|"]

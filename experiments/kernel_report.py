@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -36,7 +34,7 @@ import jaxlib
 
 import akv_jax as akv
 from akv_jax import fused, testing
-from experiments.result_files import command_line, write_json
+from experiments.result_files import command_line, machine, write_json
 from pallas_kernels import cost
 
 KV_HEADS, Q_HEADS, HEAD_DIM, LAYERS = 8, 32, 128, 32
@@ -163,12 +161,13 @@ def main(argv=None) -> dict:
     rows += new
     for r in new:
       print(f"{r['policy']:15s} {r['error']}" if "error" in r else _summary(r))
+  host = machine()
   meta = dict(command=command_line("kernel_report.py", argv), seq=args.seq, batch=args.batch,
               shape=dict(kv_heads=KV_HEADS, q_heads=Q_HEADS, head_dim=HEAD_DIM, layer=LAYERS // 2,
                          num_layers=LAYERS),
               jax=jax.__version__, jaxlib=jaxlib.__version__, toolchain=cost.toolchain(),
-              python=platform.python_version(),
-              machine=f"{platform.machine()}, {os.cpu_count()} CPUs, backend {jax.default_backend()}",
+              python=host["python"],
+              machine=f"{host['machine']}, {host['cpu_count']} CPUs, backend {host['backend']}",
               seconds=round(time.perf_counter() - start, 1))
   result = dict(meta=meta, rows=rows)
   out = pathlib.Path(args.out)

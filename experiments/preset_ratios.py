@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
+import sys
 
-import akv_jax as akv
+if __package__ in (None, ""):  # run as a script: make the repo root importable, as `python -m` would
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import akv_jax as akv  # noqa: E402
+from experiments import result_files  # noqa: E402
 
 
 def _ratios(lengths: list[int], shape: akv.ratios.CacheShape) -> dict:
@@ -32,22 +36,21 @@ def _ratios(lengths: list[int], shape: akv.ratios.CacheShape) -> dict:
   return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="experiments/results/preset_ratios.json")
   parser.add_argument("--lengths", default="8192,32768,131072")
   parser.add_argument("--layers", type=int, default=32)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   lengths = [int(x) for x in args.lengths.split(",")]
   shape = dict(layers=args.layers, kv_heads=8, q_heads=32, head_dim=128)
   rows = _ratios(lengths, akv.ratios.CacheShape(s=1, num_layers=args.layers, kv_heads=8, head_dim=128, q_heads=32))
   smollm2 = dict(layers=30, kv_heads=3, q_heads=9, head_dim=64)
-  result = {"command": "python experiments/preset_ratios.py", "shape": shape, "batch": 1, "ratios": rows,
+  result = {"command": result_files.command_line("preset_ratios.py", argv), "shape": shape, "batch": 1,
+            "ratios": rows,
             "smollm2": {"shape": smollm2, "ratios": _ratios(
                 [4096, 8192], akv.ratios.CacheShape(s=1, num_layers=30, kv_heads=3, head_dim=64, q_heads=9))}}
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=1) + "\n")
+  result_files.write_json(args.out, result)
   header = "| preset | " + " | ".join(f"S={s}" for s in lengths) + " |"
   print(header + "\n|---|" + "---|" * len(lengths))
   for name, per in rows.items():

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from akv_jax import models, tasks
-from experiments.result_files import command_line, report
+from experiments.result_files import command_line, machine, report
 
 
 def answer_positions(config, params, *, length: int, task_names=tuple(tasks.TASK_NAMES), rows: int = 64,
@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     tasks.get_task(name)   # unknown names fail here, before the model loads
   config, params = models.load_default(args.model_path)
   result = {"command": command_line("probe_answers.py", argv),
-            "model": args.model_path or "default", "rows": args.rows, "device": jax.devices()[0].device_kind,
+            "model": args.model_path or "default", "rows": args.rows, "machine": machine(),
             "by_length": {str(n): answer_positions(config, params, length=n, task_names=tuple(args.tasks),
                                                    rows=args.rows, batch=args.batch, seed=args.seed)
                           for n in args.lengths}}

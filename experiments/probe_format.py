@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
-import platform
 import sys
 import time
 
@@ -38,7 +37,7 @@ from tqdm import tqdm
 from akv_jax import models, tasks
 from akv_jax.tasks.vocab import BOS, EOS, KEY, QUERY
 from experiments import train_tiny
-from experiments.result_files import command_line, write_json
+from experiments.result_files import command_line, machine, write_json
 
 # The retired VALUE and ANSWER markers get two ids past the task vocabulary (the toy model's table has room).
 _VALUE, _ANSWER = tasks.Vocab().size, tasks.Vocab().size + 1
@@ -131,8 +130,7 @@ def main(argv=None) -> dict:
       train_tiny.TrainConfig(), hidden_size=args.hidden, intermediate_size=3 * args.hidden, num_layers=4,
       num_heads=4, num_kv_heads=2, context=args.length, lengths=(args.length,), final_mix=(1.0,),
       steps=args.steps, lr=2e-3, warmup=50, min_lr_frac=args.min_lr_frac)
-  result = {"command": command_line("probe_format.py", argv),
-            "device": jax.devices()[0].device_kind, "jax": jax.__version__, "platform": platform.machine(),
+  result = {"command": command_line("probe_format.py", argv), "machine": machine(),
             "settings": {k: getattr(args, k) for k in ("steps", "batch", "length", "pairs", "hidden", "seed",
                                                         "min_lr_frac")},
             "formats": {}}

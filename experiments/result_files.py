@@ -8,7 +8,8 @@ import os
 import pathlib
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def command_line(script: str, argv: Sequence[str] | None) -> str:
@@ -16,11 +17,12 @@ def command_line(script: str, argv: Sequence[str] | None) -> str:
   return " ".join(["python", f"experiments/{script}", *(sys.argv[1:] if argv is None else argv)])
 
 
-def write_json(path: str | pathlib.Path, result: dict) -> None:
-  """Writes result as indented JSON at path, making its folder."""
+def write_json(path: str | pathlib.Path, result: dict, *, default: Callable[[Any], Any] | None = None) -> None:
+  """Writes result as indented JSON at path, making its folder; `default` converts what JSON cannot hold (as in
+  json.dumps)."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(result, indent=1) + "\n")
+  path.write_text(json.dumps(result, indent=1, default=default) + "\n")
 
 
 def report(result: dict, path: str | pathlib.Path | None) -> dict:

@@ -34,7 +34,6 @@ import json
 import math
 import multiprocessing
 import pathlib
-import platform
 import sys
 import time
 
@@ -53,7 +52,7 @@ from akv_jax import models, tasks
 from experiments import config_files
 from experiments.probe_answers import answer_positions
 from experiments.probe_lookup import lookup_accuracy
-from experiments.result_files import command_line, write_json
+from experiments.result_files import command_line, machine, write_json
 
 WORD_TASKS = ("common_words", "frequent_words")
 
@@ -302,7 +301,7 @@ def main(argv=None) -> dict:
   config = cfg.model_config()
   out = pathlib.Path(cfg.out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1, default=str) + "\n")
+  write_json(out / "config.json", dataclasses.asdict(config), default=str)
   batches = Batches(cfg)   # before JAX starts its threads
   if cfg.init_from:
     loaded_config, params = models.load_default(cfg.init_from)
@@ -316,7 +315,8 @@ def main(argv=None) -> dict:
   eval_rng = np.random.default_rng(cfg.seed + 10_000)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
   log = open(out / "train_log.jsonl", "w")
-  log.write(json.dumps({"params": int(n_params), "device": jax.devices()[0].device_kind}) + "\n")
+  host = machine()
+  log.write(json.dumps({"params": int(n_params), "machine": host}) + "\n")
   start = last_eval = time.time()
   evals = {}
   step = 0
@@ -350,8 +350,7 @@ def main(argv=None) -> dict:
   final = evaluate(config, params, cfg, np.random.default_rng(cfg.seed + 20_000), vocab, cfg.eval_samples)
   result = {"command": command_line("train_tiny.py", argv),
             "train_config": dataclasses.asdict(cfg), "params": int(n_params), "steps_run": step + 1,
-            "train_seconds": round(train_seconds, 1), "device": jax.devices()[0].device_kind,
-            "jax": jax.__version__, "platform": platform.machine(), "final_eval": final,
+            "train_seconds": round(train_seconds, 1), "machine": host, "final_eval": final,
             "lookup": probe(config, params, cfg),
             "answer_positions": {str(n): answer_positions(config, params, length=n, task_names=cfg.task_names,
                                                           rows=2 * cfg.eval_samples, batch=cfg.eval_batch,
