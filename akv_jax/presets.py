@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from akv_jax.policy import Guards, Policy
 from akv_jax.quant import QuantSpec
-from akv_jax.selection import H2O, TOVA, AdaKV, ExpectedAttention, KNorm, Pyramid, SnapKV, Streaming, Uniform
+from akv_jax.selection import H2O, TOVA, AdaKV, ExpectedAttention, KNorm, KVzip, Pyramid, SnapKV, Streaming, Uniform
 
 
 def _kivi(bits: int) -> dict:
@@ -35,6 +35,9 @@ PRESETS: dict[str, Policy] = {
     "knorm": Policy(name="knorm", scorer=KNorm(), budget=Uniform(keep=0.25), guards=Guards(recent=32)),
     "expected_attention": Policy(name="expected_attention", scorer=ExpectedAttention(), budget=Uniform(keep=0.25),
                                  guards=Guards(recent=32)),
+    # KVzip needs the model's reconstruction pass (models.prefill_many(..., reconstruction=...)); its keys are
+    # ranked across the heads of a layer, as kvpress ranks them across heads (and layers).
+    "kvzip": Policy(name="kvzip", scorer=KVzip(), budget=AdaKV(keep=0.25), guards=Guards(recent=32)),
     "kivi2": Policy(name="kivi2", guards=_guards(), **_kivi(2)),
     "kivi4": Policy(name="kivi4", guards=_guards(), **_kivi(4)),
     "hybrid_5x": Policy(name="hybrid_5x", scorer=SnapKV(window=32), budget=Uniform(keep=0.56),

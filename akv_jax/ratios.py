@@ -55,6 +55,8 @@ def held_bytes(policy: Policy, shape: CacheShape, *, reserve: int = 0, window: i
   obs = {}
   if needs.queries:
     obs["queries"] = q
+  elif needs.reconstruction is not None:   # votes of a model pass (KVzip): only their shape matters here
+    obs["votes"] = jax.ShapeDtypeStruct((b, kh, s), jnp.float32)
   if needs.rope:
     obs["inv_freq"] = jax.ShapeDtypeStruct((h // 2,), jnp.float32)
   return sum(nbytes(jax.eval_shape(

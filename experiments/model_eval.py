@@ -159,12 +159,14 @@ def _median_ms(fn, reps: int) -> float:
 
 
 def time_prefill_decode(config, params, tokens: jax.Array, lengths: jax.Array, policy: akv.Policy, *,
-                        decode_steps: int, reps: int) -> dict:
+                        decode_steps: int, reps: int, reconstruction: models.Reconstruction | None = None) -> dict:
   """TTFT and TPOT of one batch, after warm-up: the median of `reps` jitted prefills (which compress every layer;
   the first, compiling call is reported apart as first_call_s) and the mean of decode_steps - 1 greedy steps
-  after a warm-up step, with the bytes the prefill cache holds."""
+  after a warm-up step, with the bytes the prefill cache holds. reconstruction: KVzip's prompt, for a policy that
+  scores from that pass (its time is part of the TTFT)."""
   def prefill():
-    return models.prefill(config, params, tokens, lengths, policy, reserve=decode_steps)
+    return models.prefill(config, params, tokens, lengths, policy, reserve=decode_steps,
+                          reconstruction=reconstruction)
 
   def step(logits, cache):
     return models.decode_step(config, params, cache, jnp.argmax(logits, -1).astype(jnp.int32), policy)

@@ -9,8 +9,8 @@ identical inputs, and every policy of a run is scored from the same forward pass
   Two modes: "aware" prefills context and question together, so the question sits in the observation window;
   "agnostic" (kvpress's default) compresses the context alone, then runs the question over the compressed cache
   (`models.generate_from(..., suffix=question)`, akv.extend) and generates.
-- Bytes: the arrays each policy's prefill cache holds (akv.nbytes; storage is static-shaped, so the shapes of a
-  prefill give exactly its bytes), against a dense bf16 cache of the same token capacity. In agnostic mode the
+- Bytes: the arrays each policy's prefill cache holds (akv.nbytes of the arrays themselves, before decoding takes them),
+  against a dense bf16 cache of the same token capacity. In agnostic mode the
   cache is the compressed context's.
 - Continuation: the first S tokens of a play are prefilled and compressed, then its next N tokens are fed one
   decode step at a time (`models.teacher_force`, so KIVI's flush and StreamingLLM / H2O eviction happen as in
@@ -49,6 +49,14 @@ class RealModel:
   tokenizer: object                      # tokenizers.Tokenizer
   chat: Callable[[str], str]             # user text -> prompt up to the assistant header
   stop_tokens: tuple[int, ...]
+
+  def encode(self, text: str) -> list[int]:
+    return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+  def reconstruction(self, chat: bool = True) -> models.Reconstruction:
+    """KVzip's reconstruction prompt in this model's tokens: through the chat template (the tasks' prompts), or
+    for raw text (the continuation's plays)."""
+    return models.Reconstruction.from_chat(self.encode, self.chat if chat else None)
 
 
 def load_smollm2(*, dtype: str = "float32", kv_dtype: str | None = "bfloat16",
@@ -151,14 +159,6 @@ def dense_bf16_bytes(config: models.LlamaConfig, batch: int, width: int) -> int:
   return 2 * config.num_layers * batch * config.num_kv_heads * width * config.hd * 2
 
 
-def _held_bytes(model: RealModel, policies, tokens, lengths, cache: dict) -> list[int]:
-  """Bytes each policy's prefill cache holds for prompts of this shape (traced once per shape)."""
-  key = (tuple(p.name for p in policies), tokens.shape)
-  if key not in cache:
-    shapes = jax.eval_shape(lambda t, n: models.prefill_many(model.config, model.params, t, n, policies)[1],
-                            tokens, lengths)
-    cache[key] = [akv.nbytes(s) for s in shapes]
-  return cache[key]
 
 
 def _batches(samples: Sequence[text.TextSample], batch: int):
@@ -200,7 +200,7 @@ def accuracy(model: RealModel, policies: Sequence[akv.Policy], samples: Sequence
       raise ValueError(f"partial results are for policies {sorted(partial['predictions'])}, not "
                        f"{sorted(state['predictions'])}")
     state = dict(partial)
-  shapes: dict = {}
+  recon = model.reconstruction() if any(p.needs(1).reconstruction for p in policies) else None
   start = time.perf_counter() - state["seconds"]
   new = min(max_new_tokens, max(text.get_task(s.task).max_new_tokens for s in samples))
   # One width for every batch of a run: prompts of a run have nearly the same length (the task generator fills
@@ -221,13 +221,15 @@ def accuracy(model: RealModel, policies: Sequence[akv.Policy], samples: Sequence
       tokens, lengths = _pad([s.context_ids for s in group], width)
       suffix, suffix_lengths = _pad([s.question_ids for s in group], qwidth)
       reserve = new + suffix.shape[1]
-    logits, caches = models.prefill_many(model.config, model.params, tokens, lengths, policies, reserve=reserve)
+    logits, caches = models.prefill_many(model.config, model.params, tokens, lengths, policies, reserve=reserve,
+                                         reconstruction=recon)
+    # Counted from the arrays the prefill holds, before decoding takes (donates) them.
+    for pol, nbytes in zip(policies, [akv.nbytes(c) for c in caches]):
+      state["held"][pol.name] += nbytes * real // len(group)
     for pol, cache in zip(policies, caches):
       out, _, _ = models.generate_from(model.config, model.params, logits, cache, pol, new,
                                        stop_tokens=model.stop_tokens, suffix=suffix, suffix_lengths=suffix_lengths)
       state["predictions"][pol.name].extend(_decode_text(model, row) for row in np.asarray(out)[:real])
-    for pol, nbytes in zip(policies, _held_bytes(model, policies, tokens, lengths, shapes)):
-      state["held"][pol.name] += nbytes * real // len(group)
     state["dense"] += dense_bf16_bytes(model.config, real, tokens.shape[1])
     state["batches"] += 1
     state["seconds"] = round(time.perf_counter() - start, 1)
@@ -269,9 +271,10 @@ def continuation(model: RealModel, policies: Sequence[akv.Policy], plays: Sequen
   seq = play_tokens(model, plays, prefix + tokens)
   start = time.perf_counter()
   lengths = jnp.full((len(plays),), prefix, jnp.int32)
+  recon = model.reconstruction(chat=False) if any(p.needs(1).reconstruction for p in policies) else None
   logits0, caches = models.prefill_many(model.config, model.params, seq[:, :prefix], lengths, policies,
-                                        reserve=tokens)
-  held = _held_bytes(model, policies, seq[:, :prefix], lengths, {})
+                                        reserve=tokens, reconstruction=recon)
+  held = [akv.nbytes(c) for c in caches]       # before teacher forcing takes (donates) them
   targets = seq[:, prefix:]                                                   # [P, N]
   ref_logp = ref_top = None
   out = {}

@@ -121,7 +121,7 @@ def speed(model: real_eval.RealModel, policy, batches, length: int, decode_steps
     toks = jnp.broadcast_to(seq, (b, length))
     lens = jnp.full((b,), length, jnp.int32)
     t = model_eval.time_prefill_decode(model.config, model.params, toks, lens, policy, decode_steps=decode_steps,
-                                       reps=reps)
+                                       reps=reps, reconstruction=model.reconstruction(chat=False))
     rows.append(dict(batch=b, length=length, ttft_ms=round(t["ttft_ms"], 1), tpot_ms=round(t["tpot_ms"], 2),
                      tokens_per_s=round(b / t["tpot_ms"] * 1e3, 2)))
   return rows

@@ -14,6 +14,7 @@ from akv_jax.models.llama import init_params as init_params
 from akv_jax.models.llama import prefill as prefill
 from akv_jax.models.llama import prefill_many as prefill_many
 from akv_jax.models.llama import teacher_force as teacher_force
+from akv_jax.models.reconstruction import Reconstruction as Reconstruction
 from akv_jax.models.sharding import shard_batch as shard_batch
 from akv_jax.models.sharding import shard_cache as shard_cache
 from akv_jax.models.sharding import shard_params as shard_params

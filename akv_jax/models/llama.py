@@ -304,8 +304,8 @@ def _capture_for_compress(config: LlamaConfig, params, tokens, lengths, window: 
 
 
 def prefill(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array, policy: Policy, *,
-            reserve: int = 0, implementation: str | None = None,
-            interpret: bool = False) -> tuple[jax.Array, tuple[CompressedKV, ...]]:
+            reserve: int = 0, implementation: str | None = None, interpret: bool = False,
+            reconstruction: Reconstruction | None = None) -> tuple[jax.Array, tuple[CompressedKV, ...]]:
   """Runs the prompt and compresses every layer's cache as the pass goes by.
 
   Args:
@@ -318,6 +318,8 @@ def prefill(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array, 
       SnapKV/PyramidKV/AdaKV and H2O, it also returns them, so their scores cost no second attention pass),
       or None: Pallas on a GPU, XLA otherwise (akv_jax.dispatch).
     interpret: run the kernel in interpret mode (CPU tests).
+    reconstruction: KVzip's reconstruction prompt, for a scorer that asks for that pass (see `prefill_many`,
+      which then runs the prefill: the pass needs every layer's full cache before any layer is compressed).
 
   Returns:
     (logits f32[B, V] of each row's last prompt token, cache: one CompressedKV per layer).
@@ -325,11 +327,31 @@ def prefill(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array, 
   _check_tokens(config, tokens, lengths)
   _check_capacity(config, tokens.shape[1], reserve)
   _prefill_attention(config, implementation, interpret, policy)   # validates the request before tracing
+  if policy.needs(tokens.shape[1]).reconstruction is not None or reconstruction is not None:
+    # The reconstruction pass needs every layer's full cache first, which prefill_many's pass keeps.
+    if implementation == "pallas":
+      raise ValueError(f"policy {policy.name!r} scores from a context-reconstruction pass, which runs on the XLA "
+                       "path: use implementation='xla' or None")
+    logits, (cache,) = prefill_many(config, params, tokens, lengths, (policy,), reserve=reserve,
+                                    reconstruction=reconstruction)
+    return logits, cache
   return _prefill(config, params, tokens, lengths, policy, reserve, implementation, interpret)
 
 
+def _check_reconstruction(policies, needs: dict, reconstruction) -> None:
+  wanting = [p.name for p in policies if needs[p].reconstruction is not None]
+  if wanting and reconstruction is None:
+    raise ValueError(f"policy {wanting[0]!r} scores from a context-reconstruction pass (KVzip): pass "
+                     "reconstruction=models.Reconstruction.from_chat(encode, chat) (the prompt that asks the model "
+                     "to repeat its context)")
+  from akv_jax.models.reconstruction import Reconstruction  # noqa: PLC0415 (it builds on Llama, defined here)
+  if reconstruction is not None and not isinstance(reconstruction, Reconstruction):
+    raise ValueError(f"reconstruction must be a models.Reconstruction, got {type(reconstruction).__name__}")
+
+
 def prefill_many(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array,
-                 policies: tuple[Policy, ...], *, reserve: int = 0) -> tuple[jax.Array, tuple]:
+                 policies: tuple[Policy, ...], *, reserve: int = 0,
+                 reconstruction: Reconstruction | None = None) -> tuple[jax.Array, tuple]:
   """`prefill` for several policies from one forward pass: each layer's K/V is compressed by every policy.
 
   Question-aware compression reads only the prompt, so the pass is the same for all policies; an evaluation of
@@ -337,6 +359,10 @@ def prefill_many(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Ar
   and each policy's compress runs after it, compiled once per (policy, layer layout) and reused across batches
   (one program holding every policy's compress of every layer would take far longer to compile). Prefill
   attention is the XLA path.
+
+  reconstruction: the prompt of KVzip's context-reconstruction pass (akv_jax.models.reconstruction), needed when a
+    policy's scorer asks for one (Needs.reconstruction); the pass runs once per distinct (chunk, sinks), over the
+    dense caches this pass kept, and its votes are what that scorer reads.
 
   Returns:
     (logits f32[B, V] of each row's last prompt token, one cache per policy, in the order given).
@@ -347,6 +373,7 @@ def prefill_many(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Ar
   _check_capacity(config, tokens.shape[1], reserve)
   s = tokens.shape[1]
   needs = {pol: pol.needs(s) for pol in policies}
+  _check_reconstruction(policies, needs, reconstruction)
   # Every prompt query is kept per layer only for a scorer that reads them all and takes no votes (H2O's
   # votes stand in for its queries).
   reads_all = {pol: n.queries >= s and n.votes != "all" for pol, n in needs.items()}
@@ -355,13 +382,20 @@ def prefill_many(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Ar
   lengths = jnp.asarray(lengths, jnp.int32)
   logits, per_layer = _capture_for_compress(config, params, tokens, lengths, window, h2o,
                                             any(reads_all.values()))
+  from akv_jax.models import reconstruction as _reconstruction  # noqa: PLC0415 (it builds on Llama, defined here)
+  rebuilt = {}
+  for spec in dict.fromkeys(n.reconstruction for n in needs.values() if n.reconstruction is not None):
+    rebuilt[spec] = _reconstruction.votes(config, params, tuple(x[0] for x in per_layer), tokens, lengths,
+                                          reconstruction, spec)
   caches = []
   for pol in policies:
     need = needs[pol]
     rope = _rope_observation(config, need)
     layers = []
     for layer, (kv, q_obs, votes, q_all) in enumerate(per_layer):
-      if need.votes == "all":
+      if need.reconstruction is not None:
+        obs = dict(votes=rebuilt[need.reconstruction][layer])
+      elif need.votes == "all":
         obs = dict(votes=votes)
       elif reads_all[pol]:
         obs = dict(queries=q_all)

@@ -7,6 +7,7 @@ or i32[B, K] per-head arrays. Each scorer is one module; importing it registers 
 from .base import SCORERS as SCORERS
 from .base import Needs as Needs
 from .base import Observations as Observations
+from .base import Reconstruct as Reconstruct
 from .base import Scorer as Scorer
 from .base import register as register
 from .base import scorer as scorer
@@ -27,3 +28,4 @@ from .tova import TOVA as TOVA, tova_scores as tova_scores
 from .knorm import KNorm as KNorm, knorm_scores as knorm_scores
 from .expected_attention import ExpectedAttention as ExpectedAttention
 from .expected_attention import expected_attention_scores as expected_attention_scores
+from .kvzip import KVzip as KVzip, kvzip_scores_from_votes as kvzip_scores_from_votes

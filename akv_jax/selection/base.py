@@ -19,7 +19,16 @@ import jax
 from akv_jax import validation
 from akv_jax.cache import DenseKV
 
-VoteKind = Literal["window", "all"]
+VoteKind = Literal["window", "all", "reconstruction"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Reconstruct:
+  """How the model runs a context-reconstruction pass for a scorer (KVzip): `chunk` context tokens per pass, and
+  the first `sinks` tokens inside each reconstruction query's softmax."""
+
+  chunk: int
+  sinks: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,13 +39,16 @@ class Needs:
     queries: trailing post-RoPE prompt queries per row it reads (0: none). The model passes at most the prompt
       capacity S, so a scorer that wants every prompt query asks for S (`all_queries`).
     votes: which attention votes of the prefill kernel can stand in for the queries: "window" (probabilities
-      summed over the last `queries` queries), "all" (over every prompt query), or None (it needs the queries).
+      summed over the last `queries` queries), "all" (over every prompt query), or None (it needs the queries);
+      "reconstruction": votes only a second pass of the model gives (`reconstruction`), nothing stands in.
     rope: whether it needs the model's rotary inverse frequencies (`Observations.inv_freq`).
+    reconstruction: the context-reconstruction pass the model runs for the votes (KVzip), or None.
   """
 
   queries: int = 0
   votes: VoteKind | None = None
   rope: bool = False
+  reconstruction: Reconstruct | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -47,7 +59,8 @@ class Observations:
   Attributes:
     queries: [B, N, T, H] the last T post-RoPE prompt queries of each row (row b's query t sits at position
       lengths[b] - T + t), or None.
-    votes: f32[B, K, S] attention votes from the prefill kernel (see `Needs.votes`), or None.
+    votes: f32[B, K, S] attention votes from the prefill kernel or the reconstruction pass (see `Needs.votes`),
+      or None.
     inv_freq: f32[H / 2] rotary inverse frequencies of the model (half-split rotary convention), or None.
   """
 
@@ -97,6 +110,10 @@ class Scorer:
                          f"not selection={self.name!r}")
       if obs.queries is not None:
         raise ValueError("pass queries or votes, not both: the votes already summarize the queries")
+    elif needs.reconstruction is not None:
+      raise ValueError(f"selection={self.name!r} scores from a context-reconstruction pass of the model: pass its "
+                       "votes=[B, K, S], as akv_jax.models.prefill / prefill_many do when given reconstruction="
+                       "models.Reconstruction(...)")
     elif needs.queries:
       if obs.queries is None:
         raise ValueError(f"selection={self.name!r} needs observation queries; pass queries=[B, N, T, H]"
