@@ -246,15 +246,13 @@ def _fused_attn(interpret: bool, policy: Policy):
 def _prefill_attention(config: LlamaConfig, implementation: str | None, interpret: bool, policy: Policy):
   """The prefill attention function for `implementation` (None: the Pallas kernel on a GPU, XLA elsewhere).
 
-  Raises the same ValueErrors as decode's dispatch (`akv_jax.dispatch.check`), so one call validates
-  a request for the whole model.
+  Resolved by `akv_jax.dispatch.resolve` like every other operation, so one call validates a request for the
+  whole model; the kernel needs a power-of-2 head dim of at least 16.
   """
-  dispatch.check(implementation, interpret)
-  if implementation is None:
-    pallas = jax.default_backend() == "gpu" and config.hd >= 16 and not config.hd & (config.hd - 1)
-  else:
-    pallas = implementation == "pallas"
-  return _fused_attn(interpret, policy) if pallas else _causal_attn
+  h = config.hd
+  why = None if h >= 16 and not h & (h - 1) else f"the flash kernel needs a power-of-2 head dim >= 16, got {h}"
+  impl = dispatch.resolve(implementation, interpret, op="prefill", pallas_why=why)
+  return _fused_attn(interpret, policy) if impl == "pallas" else _causal_attn
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy", "reserve", "implementation", "interpret"))

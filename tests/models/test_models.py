@@ -312,3 +312,18 @@ def test_sharded_equals_unsharded_on_8_cpu_devices(name):
                         env=env, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "sharded ok" in proc.stdout
+
+
+def test_prefill_kernel_request_for_a_head_dim_it_cannot_take():
+  """implementation= is resolved by akv_jax.dispatch for prefill as everywhere: an explicit kernel request the
+  kernel cannot serve is an error naming why, never a quiet switch to the XLA path."""
+  cfg = dataclasses.replace(CFG, head_dim=24)
+  p = models.init_params(cfg, jax.random.key(0))
+  toks = jnp.ones((1, 8), jnp.int32)
+  with pytest.raises(ValueError, match=r"prefill\(implementation='pallas'\): the flash kernel needs a power-of-2 "
+                                       r"head dim >= 16, got 24"):
+    models.prefill(cfg, p, toks, jnp.array([8]), akv.presets.get("full"), implementation="pallas", interpret=True)
+  with pytest.raises(ValueError, match="implementation='pallas' needs a GPU"):
+    models.prefill(cfg, p, toks, jnp.array([8]), akv.presets.get("full"), implementation="pallas")
+  logits, _ = models.prefill(cfg, p, toks, jnp.array([8]), akv.presets.get("full"))   # None: the XLA path here
+  assert logits.shape == (1, cfg.vocab_size)
