@@ -27,6 +27,7 @@ from akv_jax.cache import CompressedKV, DenseKV
 from akv_jax import dispatch
 from akv_jax.models.config import LlamaConfig, apply_rope, inverse_frequencies
 from akv_jax.policy import Policy
+from pallas_kernels import prefill_scores
 
 # attn_fn(layer, q [B, T, N, H], k [B, T, K, H], v [B, T, K, H]) -> (o [B, T, N, H], aux)
 AttnFn = Callable[[int, jax.Array, jax.Array, jax.Array], tuple[jax.Array, object]]
@@ -230,8 +231,6 @@ def _fused_attn(interpret: bool, policy: Policy):
   For SnapKV and H2O selections the kernel also returns the policy's attention votes from the same pass, so
   compress never recomputes attention from the observation queries.
   """
-  from pallas_kernels import prefill_scores  # noqa: PLC0415 (kernels load only when used)
-
   def attn(layer, q, k, v, lengths):
     del layer
     needs = policy.needs(q.shape[1])
