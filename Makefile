@@ -37,8 +37,8 @@ test: setup
 # Regenerates every CPU result file the README quotes. `results-real` is the real model (SmolLM2-135M-Instruct):
 # each run resumes what an earlier, cut run of its config finished (run_real --resume), and its results.json
 # records the seconds it took (the core set about 75 minutes a mode on a 2-core CPU, the whole sweep several
-# hours). `results-toy` is the tiny trained model and the synthetic artifacts, about 70 minutes. GPU results come
-# from experiments/gpu_check.sh on a GPU machine.
+# hours). `results-toy` is the tiny trained model (experiments/toy/) and the synthetic-data runner
+# (experiments/synthetic/), about 70 minutes. GPU results come from experiments/gpu_check.sh on a GPU machine.
 results: results-real results-toy
 
 # One process per stage (question-aware tasks, question-agnostic tasks, continuation), each resuming the last: one
@@ -64,13 +64,14 @@ kernel-report: setup
 
 results-toy: setup
 	$(PY) experiments/preset_ratios.py --out experiments/results/preset_ratios.json
-	$(PY) experiments/synthetic.py --out out/artifacts/synthetic_8k --dtype bfloat16 --seq_len 8192 --layers 8 \
-	  --kv_heads 8 --q_heads 32 --head_dim 128 --batch 1 --seed 0
-	$(PY) experiments/run_quality_benchmarks.py out/artifacts/synthetic_8k --no_progress \
+	$(PY) experiments/synthetic/synthetic.py --out out/artifacts/synthetic_8k --dtype bfloat16 --seq_len 8192 \
+	  --layers 8 --kv_heads 8 --q_heads 32 --head_dim 128 --batch 1 --seed 0
+	$(PY) experiments/synthetic/run_quality_benchmarks.py out/artifacts/synthetic_8k --no_progress \
 	  --out experiments/results/quality_synthetic_8k.json
 	$(PY) experiments/bench_cpu_attention.py --out experiments/results/bench_cpu_attention.json
-	$(PY) experiments/sweep.py --out experiments/results/sweep_2048 --no_progress
-	$(PY) experiments/ablate_hybrid.py --no_progress
-	$(PY) experiments/probe_lookup.py --out experiments/results/lookup_probe_default.json
-	$(PY) experiments/probe_answers.py --lengths 256 2048 --rows 64 --out experiments/results/answer_positions_default.json
-	$(PY) experiments/probe_format.py --no_progress --out experiments/results/probe_format.json
+	$(PY) experiments/toy/sweep.py --out experiments/results/sweep_2048 --no_progress
+	$(PY) experiments/toy/ablate_hybrid.py --no_progress
+	$(PY) experiments/toy/probe_lookup.py --out experiments/results/lookup_probe_default.json
+	$(PY) experiments/toy/probe_answers.py --lengths 256 2048 --rows 64 \
+	  --out experiments/results/answer_positions_default.json
+	$(PY) experiments/toy/probe_format.py --no_progress --out experiments/results/probe_format.json

@@ -1,1 +1,2 @@
-"""Experiment entry points of akv_jax: synthetic KV artifacts, quality benchmarks and config-driven runs."""
+"""Experiment entry points of akv_jax: the real-model runner (run_real.py) with its configs and benchmarks, the tiny
+trained model's training, probes and runner (toy/), and the synthetic-data runner on KV artifacts (synthetic/)."""

@@ -1,4 +1,5 @@
-"""train_tiny.py, probe_format.py and make_artifacts.py end to end at smoke size; load_default's errors."""
+"""The toy model's training and probes (experiments/toy/) and experiments/synthetic/make_artifacts.py end to end at
+smoke size; load_default's errors."""
 
 import json
 
@@ -9,7 +10,8 @@ import pytest
 
 import akv_jax as akv
 from akv_jax import models, tasks
-from experiments import make_artifacts, probe_answers, probe_format, synthetic, train_tiny
+from experiments.synthetic import make_artifacts, synthetic
+from experiments.toy import probe_answers, probe_format, train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +27,7 @@ def test_train_tiny_writes_a_loadable_model(trained):
     assert (out / name).is_file()
   scores = json.loads((out / "scores.json").read_text())
   assert scores["steps_run"] == 3 and "average" in scores["final_eval"]["128"]
+  assert scores["command"].startswith("python experiments/toy/train_tiny.py --tiny") and scores["machine"]["jax"]
   assert set(scores["answer_positions"]["128"]) == set(tasks.TASK_NAMES)
   log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
   assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
@@ -61,12 +64,17 @@ def test_errors(tmp_path):
     train_tiny.main(["--tiny", "--set", "lr", "--out", str(tmp_path)])
   with pytest.raises(SystemExit, match="final_mix"):
     train_tiny.main(["--tiny", "--set", "final_mix=[1.0]", "--out", str(tmp_path)])
+  with pytest.raises(SystemExit, match="No such file"):
+    train_tiny.main(["--config", str(tmp_path / "missing.yaml")])
+  # A smoke run without --out keeps off the shipped model.
+  assert train_tiny.parse(["--tiny"]).out == "akv_jax/models/default-tiny"
+  assert train_tiny.parse(["--tiny", "--out", str(tmp_path)]).out == str(tmp_path)
   with pytest.raises(ValueError, match="unknown task 'nope'"):
     make_artifacts.main(["--out", str(tmp_path / "a.npz"), "--tasks", "nope"])
 
 
 def test_lookup_probe(trained, tmp_path, monkeypatch):
-  from experiments import probe_lookup  # noqa: PLC0415
+  from experiments.toy import probe_lookup  # noqa: PLC0415
   out, result = trained
   assert set(result["lookup"]) == {"queries", "accuracy", "latest", "uniform"}
   got = probe_lookup.main(["--model_path", str(out), "--lengths", "64", "128", "--rows", "4", "--pairs", "4",

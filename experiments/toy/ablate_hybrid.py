@@ -1,6 +1,6 @@
 """Ablation: selection only, quantization only and their hybrid at matched bytes (5x, 8x, 12x) on the shipped model.
 
-    python experiments/ablate_hybrid.py --out experiments/results/ablation_2048 [--set key=value ...] [--tiny]
+    python experiments/toy/ablate_hybrid.py --out experiments/results/ablation_2048 [--set key=value ...] [--tiny]
 
 For each target ratio, and at quantization's own ratio, the three variants are tuned to hold the same bytes on this
 model's caches (ratio measured from the arrays of an eval_shape'd prefill, which equals a real one's since storage
@@ -10,7 +10,8 @@ is static-shaped):
               cannot go past its own ratio, so targets above it are reported as out of reach;
   hybrid      the same SnapKV selection, then KIVI 2-bit, keep fraction bisected to the target.
 No guard layers, so the composition is measured alone. All variants and the full cache see the same prompts
-(settings from experiments/baseline_full.yaml, overridable with --set); the table says whether the gains multiply:
+(the toy runner's settings, experiments/toy/sweep.yaml, whose policies list is not read here; overridable with
+--set); the table says whether the gains multiply:
 at equal bytes, does hybrid keep more accuracy than either alone.
 """
 
@@ -18,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import sys
 
 if __package__ in (None, ""):
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import akv_jax as akv
 from akv_jax import models
 from experiments import model_eval, result_files
-from experiments import run_experiment as rx
+from experiments.toy import sweep
 
 TARGETS = (5.0, 8.0, 12.0)
 _SNAP = dict(selection="snapkv", window=32, n_sink=4)
@@ -73,7 +73,7 @@ def match(make, target: float, ratio_of, lo: float = 0.01, hi: float = 1.0, step
 def main(argv: list[str] | None = None) -> dict:
   argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", default="experiments/baseline_full.yaml")
+  parser.add_argument("--config", default=str(sweep.CONFIG))
   parser.add_argument("--out", default="experiments/results/ablation_2048")
   parser.add_argument("--targets", default=",".join(str(t) for t in TARGETS))
   parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--no_progress", action="store_true")
   args = parser.parse_args(argv)
   try:
-    cfg = rx.load_config(args.config, sets=tuple(args.sets) + (f"out={args.out}",), tiny=args.tiny)
+    cfg = sweep.load_config(args.config, sets=tuple(args.sets) + (f"out={args.out}",), tiny=args.tiny)
     targets = [float(t) for t in args.targets.split(",")]
-    config, params, _ = rx.load_model(cfg, None)
+    config, params, _ = sweep.load_model(cfg, None)
   except (ValueError, OSError) as e:
     raise SystemExit(f"error: {e}") from e
   length = cfg.lengths[-1]
@@ -119,11 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
       rows.append(dict(target=target, variant=kind, policy=policy.name, ratio=e["ratio"], average=e["average"],
                        retained=round(e["average"] / full["average"], 4) if full["average"] else None))
       print(f"{target}x {kind:9s} {policy.name:22s} ratio {e['ratio']:.2f}x average {e['average']:.3f}", flush=True)
-  results = dict(command=" ".join(["python experiments/ablate_hybrid.py", *argv]), config=dataclasses.asdict(cfg),
+  results = dict(command=result_files.command_line("toy/ablate_hybrid.py", argv), config=dataclasses.asdict(cfg),
                  machine=result_files.machine(), length=length, full=full, rows=rows, evaluated=evaluated)
   out = pathlib.Path(cfg.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+  result_files.write_json(out / "results.json", results)
   md = [f"# Selection x quantization at matched bytes, {length} tokens (full cache: {full['average']:.3f})", "",
         "| target | variant | policy | measured ratio | average | retained |", "|---:|---|---|---:|---:|---:|"]
   for r in rows:

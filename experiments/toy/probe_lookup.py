@@ -1,6 +1,6 @@
 """Has a model learned the key lookup? Its first-answer accuracy on recall streams against two key-blind baselines.
 
-    python experiments/probe_lookup.py [--model_path DIR] [--lengths 128 256 1024] [--pairs 16] [--rows 64] \
+    python experiments/toy/probe_lookup.py [--model_path DIR] [--lengths 128 256 1024] [--pairs 16] [--rows 64] \
         --out experiments/results/lookup_probe_default.json
 
 Multi-key and multi-query needles and variable tracking need a lookup: answer from the record whose key matches
@@ -17,7 +17,7 @@ import pathlib
 import sys
 
 if __package__ in (None, ""):
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import jax.numpy as jnp
 import numpy as np
@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--out", default=None, help="write the result JSON here")
   args = parser.parse_args(argv)
   config, params = models.load_default(args.model_path)
-  result = {"command": command_line("probe_lookup.py", argv),
+  result = {"command": command_line("toy/probe_lookup.py", argv),
             "model": args.model_path or "default", "pairs": args.pairs, "rows": args.rows,
             "by_length": {str(n): lookup_accuracy(config, params, length=n, pairs=args.pairs, rows=args.rows,
                                                   seed=args.seed) for n in args.lengths}}

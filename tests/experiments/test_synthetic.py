@@ -1,4 +1,5 @@
-"""End-to-end tests of the experiment scripts: synthetic artifacts, the quality benchmark and config-driven runs.
+"""End-to-end tests of the synthetic-data runner (experiments/synthetic/): artifacts, the quality benchmark and
+config-driven runs.
 
 Axis legend: L layers, B batch, K kv heads, N query heads, S prompt tokens, H head dim, W observation queries,
 T test queries. Every artifact here is tiny (S <= 512, H = 64) so each test stays within a few seconds of
@@ -23,8 +24,10 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
-from experiments import run_proxy_experiment as run_experiment, run_quality_benchmarks, synthetic  # noqa: E402
-TINY = synthetic.SyntheticConfig(**run_experiment.TINY_ARTIFACT, seed=3)
+from experiments.synthetic import run_proxy_experiment as proxy  # noqa: E402
+from experiments.synthetic import run_quality_benchmarks, synthetic  # noqa: E402
+
+TINY = synthetic.SyntheticConfig(**proxy.TINY_ARTIFACT, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +217,7 @@ def test_quality_benchmark_end_to_end(npz_path, tmp_path, capsys):
     assert f"\n{name} " in printed
   results = json.loads(out.read_text())
   assert set(results) == {"artifact", "machine", "policies", "command"}
-  assert results["command"].startswith("python experiments/run_quality_benchmarks.py ")
+  assert results["command"].startswith("python experiments/synthetic/run_quality_benchmarks.py ")
   assert results["artifact"]["meta"]["config"]["seed"] == TINY.seed
   assert {"processor", "machine", "device_kind", "jax"} <= set(results["machine"])
   assert list(results["policies"]) == ["full", "snapkv", "kivi2"]
@@ -266,12 +269,13 @@ def test_quality_benchmark_cli_error(npz_path):
 def test_shipped_config_tiny_run(tmp_path):
   # The exact command of the config's header, through a subprocess: also checks the script's import bootstrap.
   out = tmp_path / "run"
-  proc = subprocess.run([sys.executable, "experiments/run_proxy_experiment.py", "--config", "experiments/proxy_hybrid_8x.yaml",
-                         "--tiny", "--out", str(out), "--no_progress"], cwd=REPO, capture_output=True, text=True,
-                        timeout=120)
+  proc = subprocess.run([sys.executable, "experiments/synthetic/run_proxy_experiment.py", "--config",
+                         "experiments/synthetic/proxy_hybrid_8x.yaml", "--tiny", "--out", str(out), "--no_progress"],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert "hybrid_8x" in proc.stdout and "full" in proc.stdout
   results = json.loads((out / "results.json").read_text())
+  assert results["command"].startswith("python experiments/synthetic/run_proxy_experiment.py --config ")
   assert list(results["policies"]) == ["full", "hybrid_8x"]
   assert results["config"]["policy"] == "hybrid_8x" and results["config"]["artifact"]["seq_len"] == 512
   assert results["policies"]["hybrid_8x"]["compression_ratio"] > 1.5
@@ -280,11 +284,24 @@ def test_shipped_config_tiny_run(tmp_path):
   assert "| hybrid_8x |" in report and "| full |" in report
 
 
+@pytest.mark.parametrize("script", ["synthetic", "make_artifacts", "run_quality_benchmarks", "run_proxy_experiment"])
+@pytest.mark.parametrize("as_module", [False, True])
+def test_scripts_start_as_scripts_and_as_modules(script, as_module):
+  # Each finds the repo root from experiments/synthetic/ (the bootstrap climbs two folders) or runs under -m.
+  target = ["-m", f"experiments.synthetic.{script}"] if as_module else [f"experiments/synthetic/{script}.py"]
+  proc = subprocess.run([sys.executable, *target, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
+
+
 def test_shipped_config_header_names_its_command():
-  text = (REPO / "experiments" / "proxy_hybrid_8x.yaml").read_text()
-  assert "python experiments/run_proxy_experiment.py --config experiments/proxy_hybrid_8x.yaml" in text
-  cfg = run_experiment.load_config(str(REPO / "experiments" / "proxy_hybrid_8x.yaml"))
+  path = REPO / "experiments" / "synthetic" / "proxy_hybrid_8x.yaml"
+  text = path.read_text()
+  command = "python experiments/synthetic/run_proxy_experiment.py --config experiments/synthetic/proxy_hybrid_8x.yaml"
+  assert command in text
+  cfg = proxy.load_config(str(path))
   assert cfg.policy == "hybrid_8x" and cfg.baseline == "full" and cfg.artifact.seq_len == 8192
+  # Its own folder, not the main job's (`make run` writes out/hybrid_8x).
+  assert cfg.out == "out/synthetic_hybrid_8x"
 
 
 def _write(tmp_path, raw) -> str:
@@ -295,12 +312,13 @@ def _write(tmp_path, raw) -> str:
 
 def test_config_overrides(tmp_path):
   path = _write(tmp_path, {"policy": "kivi2", "artifact": {"seq_len": 2048, "layers": 3}, "out": "out/x"})
-  cfg = run_experiment.load_config(path, sets=("artifact.seq_len=1024", "baseline=kivi4"))
+  cfg = proxy.load_config(path, sets=("artifact.seq_len=1024", "baseline=kivi4"))
   assert (cfg.artifact.seq_len, cfg.artifact.layers, cfg.baseline, cfg.out) == (1024, 3, "kivi4", "out/x")
-  tiny = run_experiment.load_config(path, tiny=True, sets=("artifact.seed=9",))
+  tiny = proxy.load_config(path, tiny=True, sets=("artifact.seed=9",))
   assert (tiny.artifact.seq_len, tiny.artifact.seed, tiny.out) == (512, 9, "out/x-tiny")
-  default = run_experiment.load_config(_write(tmp_path, {"policy": "snapkv"}))
-  assert default.baseline == "full" and default.out == "out/snapkv" and default.artifact == synthetic.SyntheticConfig()
+  default = proxy.load_config(_write(tmp_path, {"policy": "snapkv"}))
+  assert default.baseline == "full" and default.out == "out/synthetic_snapkv"
+  assert default.artifact == synthetic.SyntheticConfig()
 
 
 @pytest.mark.parametrize("raw, sets, match", [
@@ -317,14 +335,14 @@ def test_config_overrides(tmp_path):
 ])
 def test_bad_config_errors(tmp_path, raw, sets, match):
   with pytest.raises(ValueError, match=match):
-    run_experiment.load_config(_write(tmp_path, raw), sets=sets)
+    proxy.load_config(_write(tmp_path, raw), sets=sets)
 
 
 def test_tiny_refuses_a_loaded_artifact(tmp_path):
   with pytest.raises(ValueError, match="--tiny shrinks the generated artifact"):
-    run_experiment.load_config(_write(tmp_path, {"policy": "kivi2", "artifact_path": "a.npz"}), tiny=True)
+    proxy.load_config(_write(tmp_path, {"policy": "kivi2", "artifact_path": "a.npz"}), tiny=True)
 
 
 def test_bad_config_exits_with_message(tmp_path):
   with pytest.raises(SystemExit, match="error: unknown config field 'polcy'"):
-    run_experiment.main(["--config", _write(tmp_path, {"policy": "kivi2", "polcy": 1})])
+    proxy.main(["--config", _write(tmp_path, {"policy": "kivi2", "polcy": 1})])

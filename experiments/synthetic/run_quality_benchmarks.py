@@ -1,9 +1,9 @@
 """Quality of compression policies on a KV artifact: bytes held, reconstruction error and attention fidelity.
 
 Usage:
-  python experiments/run_quality_benchmarks.py ARTIFACT [--policies full,kivi2,...] [--out results.json]
+  python experiments/synthetic/run_quality_benchmarks.py ARTIFACT [--policies full,kivi2,...] [--out results.json]
 
-ARTIFACT is a .npz file or an orbax directory written by experiments/synthetic.py (see its docstring for the
+ARTIFACT is a .npz file or an orbax directory written by experiments/synthetic/synthetic.py (see its docstring for the
 layout: k, v [L, B, K, S, H], q_obs [L, B, N, W, H], q_test [L, B, N, T, H], lengths i32[B]).
 
 For every policy and layer: the layer's K/V are cast to bfloat16 (ratios are against bf16 dense), compressed with
@@ -25,7 +25,7 @@ import time
 from typing import Any, Sequence
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable, as `python -m` would
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,8 @@ import numpy as np
 from tqdm import tqdm
 
 import akv_jax as akv
-from experiments import result_files, synthetic
+from experiments import result_files
+from experiments.synthetic import synthetic
 
 # Per-layer figures, in table order: (JSON key, table header, format).
 COLUMNS = (
@@ -194,7 +195,7 @@ def markdown_layers(entry: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("artifact", help=".npz file or orbax directory from experiments/synthetic.py")
+  parser.add_argument("artifact", help=".npz file or orbax directory from experiments/synthetic/synthetic.py")
   parser.add_argument("--policies",
                       default=",".join(n for n in akv.presets.names() if not _needs_rope(akv.presets.get(n))),
                       help="comma-separated preset names (default: every preset that needs no model)")
@@ -208,8 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
   except ValueError as e:
     raise SystemExit(f"error: {e}") from e
   print(format_table(results))
-  results["command"] = "python experiments/run_quality_benchmarks.py " + " ".join(
-      argv if argv is not None else sys.argv[1:])
+  results["command"] = result_files.command_line("synthetic/run_quality_benchmarks.py", argv)
   if args.out:
     result_files.write_json(args.out, results)
     print(f"wrote {args.out}")

@@ -1,8 +1,8 @@
 """Which record format lets a small decoder learn the key lookup? The same toy model trained on recall streams in
 three formats, with the lookup probed as it trains.
 
-    python experiments/probe_format.py --out experiments/results/probe_format.json      (CPU, about 14 minutes)
-    python experiments/probe_format.py --tiny --out /tmp/probe_format.json               (seconds)
+    python experiments/toy/probe_format.py --out experiments/results/probe_format.json      (CPU, about 14 minutes)
+    python experiments/toy/probe_format.py --tiny --out /tmp/probe_format.json               (seconds)
 
 Formats (records, then queries; the loss is on the answer ids and EOS):
 
@@ -27,7 +27,7 @@ import sys
 import time
 
 if __package__ in (None, ""):
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from akv_jax import models, tasks
 from akv_jax.tasks.vocab import BOS, EOS, KEY, QUERY
-from experiments import train_tiny
 from experiments.result_files import command_line, machine, write_json
+from experiments.toy import train_tiny
 
 # The retired VALUE and ANSWER markers get two ids past the task vocabulary (the toy model's table has room).
 _VALUE, _ANSWER = tasks.Vocab().size, tasks.Vocab().size + 1
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
       train_tiny.TrainConfig(), hidden_size=args.hidden, intermediate_size=3 * args.hidden, num_layers=4,
       num_heads=4, num_kv_heads=2, context=args.length, lengths=(args.length,), final_mix=(1.0,),
       steps=args.steps, lr=2e-3, warmup=50, min_lr_frac=args.min_lr_frac)
-  result = {"command": command_line("probe_format.py", argv), "machine": machine(),
+  result = {"command": command_line("toy/probe_format.py", argv), "machine": machine(),
             "settings": {k: getattr(args, k) for k in ("steps", "batch", "length", "pairs", "hidden", "seed",
                                                         "min_lr_frac")},
             "formats": {}}

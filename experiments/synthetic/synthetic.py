@@ -283,7 +283,7 @@ def generate(cfg: SyntheticConfig) -> dict[str, Any]:
   stack = lambda i: np.stack([p[i] for p in parts]).astype(np.float32)
   meta = {
       "format_version": FORMAT_VERSION,
-      "generator": "experiments/synthetic.py",
+      "generator": "experiments/synthetic/synthetic.py",
       "config": dataclasses.asdict(cfg),
       "n_sink": cfg.n_sink,
       # Per layer, row and kv head: centres of the heavy-hitter spans.

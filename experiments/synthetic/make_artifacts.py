@@ -1,10 +1,10 @@
-"""Real KV artifacts: per-layer K/V and queries from a model's prefill on task prompts, for the proxy harness.
+"""Real KV artifacts for the synthetic-data runner: per-layer K/V and queries from a model's prefill on task prompts.
 
-    python experiments/make_artifacts.py --out out/artifacts/tiny_2048 [--model_path DIR] [--length 2048]
+    python experiments/synthetic/make_artifacts.py --out out/artifacts/tiny_2048 [--model_path DIR] [--length 2048]
         [--tasks niah_single,...] [--batch 7] [--window 32] [--seed 0]
-    python experiments/run_quality_benchmarks.py out/artifacts/tiny_2048
+    python experiments/synthetic/run_quality_benchmarks.py out/artifacts/tiny_2048
 
-The artifact has the layout experiments/synthetic.py writes (k, v [L, B, K, S, H], q_obs [L, B, N, W, H],
+The artifact has the layout experiments/synthetic/synthetic.py writes (k, v [L, B, K, S, H], q_obs [L, B, N, W, H],
 q_test [L, B, N, T, H], lengths i32[B]). q_obs are each row's last W prompt queries; q_test are the queries of
 the T answer tokens that follow the prompt (teacher-forced with the expected answer), the queries compression
 has to serve. K/V cover the prompt only.
@@ -17,13 +17,13 @@ import pathlib
 import sys
 
 if __package__ in (None, ""):
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import jax.numpy as jnp
 import numpy as np
 
 from akv_jax import models, tasks
-from experiments import synthetic
+from experiments.synthetic import synthetic
 
 
 def build(config, params, *, length: int, task_names, batch: int, window: int, seed: int) -> dict:
@@ -41,7 +41,7 @@ def build(config, params, *, length: int, task_names, batch: int, window: int, s
   q = [np.asarray(x[0]).transpose(0, 2, 1, 3) for x in qkv]                              # [B, N, S + T, H]
   q_obs = np.stack([x[:, :, length - window:length] for x in q])
   q_test = np.stack([x[:, :, length:length + t] for x in q])
-  meta = {"generator": "experiments/make_artifacts.py", "tasks": list(b.tasks), "length": length,
+  meta = {"generator": "experiments/synthetic/make_artifacts.py", "tasks": list(b.tasks), "length": length,
           "window": window, "seed": seed, "model": dict(num_layers=config.num_layers, hidden_size=config.hidden_size)}
   return {"k": k, "v": v, "lengths": lengths, "q_obs": q_obs, "q_test": q_test, "meta": meta}
 

@@ -1,6 +1,6 @@
 """Where in its answers does a model go wrong? Teacher-forced accuracy at each answer position, per task.
 
-    python experiments/probe_answers.py [--model_path DIR] [--lengths 256 2048] [--rows 64] \
+    python experiments/toy/probe_answers.py [--model_path DIR] [--lengths 256 2048] [--rows 64] \
         --out experiments/results/answer_positions_default.json
 
 Greedy scores say how much of an answer is right; this says which token is wrong. Each prompt is followed by its
@@ -22,7 +22,7 @@ import pathlib
 import sys
 
 if __package__ in (None, ""):
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
   for name in args.tasks:
     tasks.get_task(name)   # unknown names fail here, before the model loads
   config, params = models.load_default(args.model_path)
-  result = {"command": command_line("probe_answers.py", argv),
+  result = {"command": command_line("toy/probe_answers.py", argv),
             "model": args.model_path or "default", "rows": args.rows, "machine": machine(),
             "by_length": {str(n): answer_positions(config, params, length=n, task_names=tuple(args.tasks),
                                                    rows=args.rows, batch=args.batch, seed=args.seed)

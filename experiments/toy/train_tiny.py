@@ -1,6 +1,7 @@
 """Trains the shipped tiny decoder on the RULER-style tasks (akv_jax.tasks) with optax, on CPU or a GPU.
 
-    python experiments/train_tiny.py --config experiments/train_tiny.yaml [--set key=value ...] [--tiny] [--out DIR]
+    python experiments/toy/train_tiny.py --config experiments/toy/train_tiny.yaml [--set key=value ...] [--tiny]
+        [--out DIR]
 
 The config is read as every runner's is (experiments/config_files.py): the YAML, then --tiny (a seconds-long smoke
 run, written to <out>-tiny unless --out is given, so it never overwrites the shipped model), then each --set.
@@ -20,8 +21,8 @@ Writes, in --out:
   config.json        the model config (LlamaConfig fields)
   train_log.jsonl    one line per logged step (loss, answer loss, lr, length, batch, seconds) or evaluation
   scores.json        per-task accuracy with the full cache at the eval lengths, the key-lookup probe
-                     (experiments/probe_lookup.py), teacher-forced accuracy at each answer position
-                     (experiments/probe_answers.py), the device, the wall time
+                     (experiments/toy/probe_lookup.py), teacher-forced accuracy at each answer position
+                     (experiments/toy/probe_answers.py), the machine (experiments/result_files.py), the wall time
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import sys
 import time
 
 if __package__ in (None, ""):
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import jax
 import jax.numpy as jnp
@@ -50,9 +51,9 @@ from tqdm import tqdm
 import akv_jax as akv
 from akv_jax import models, tasks
 from experiments import config_files
-from experiments.probe_answers import answer_positions
-from experiments.probe_lookup import lookup_accuracy
 from experiments.result_files import command_line, machine, write_json
+from experiments.toy.probe_answers import answer_positions
+from experiments.toy.probe_lookup import lookup_accuracy
 
 WORD_TASKS = ("common_words", "frequent_words")
 
@@ -224,8 +225,8 @@ def evaluate(config, params, cfg: TrainConfig, rng: np.random.Generator, vocab, 
 
 
 def probe(config, params, cfg: TrainConfig) -> dict:
-  """The key-lookup probe (experiments/probe_lookup.py): the circuit multi-key and multi-query needles need, seen
-  as accuracy above the probe's key-blind baselines."""
+  """The key-lookup probe (experiments/toy/probe_lookup.py): the circuit multi-key and multi-query needles need,
+  seen as accuracy above the probe's key-blind baselines."""
   return lookup_accuracy(config, params, length=min(cfg.lookup_length, cfg.context), pairs=cfg.recall_pairs,
                          rows=32, seed=cfg.seed + 30_000)
 
@@ -348,7 +349,7 @@ def main(argv=None) -> dict:
   train_seconds = time.time() - start
   save_params(out, params)
   final = evaluate(config, params, cfg, np.random.default_rng(cfg.seed + 20_000), vocab, cfg.eval_samples)
-  result = {"command": command_line("train_tiny.py", argv),
+  result = {"command": command_line("toy/train_tiny.py", argv),
             "train_config": dataclasses.asdict(cfg), "params": int(n_params), "steps_run": step + 1,
             "train_seconds": round(train_seconds, 1), "machine": host, "final_eval": final,
             "lookup": probe(config, params, cfg),

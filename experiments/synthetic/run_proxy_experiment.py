@@ -1,19 +1,26 @@
-"""The main experiment job: one policy against a baseline on a KV artifact, from a YAML config.
+"""The synthetic-data runner: one policy against a baseline on a KV artifact (no model), from a YAML config.
 
 Usage:
-  python experiments/run_proxy_experiment.py --config experiments/proxy_hybrid_8x.yaml [--out DIR] [--set key=value ...]
-      [--tiny]
+  python experiments/synthetic/run_proxy_experiment.py --config experiments/synthetic/proxy_hybrid_8x.yaml
+      [--out DIR] [--set key=value ...] [--tiny]
+
+It measures what compression does to a cache's keys, values and attention outputs (run_quality_benchmarks.py), on
+an artifact generated from a seed (synthetic.py) or captured from a model (make_artifacts.py): proxy figures, not
+model accuracy. Policy-vs-full evaluations on a model are experiments/run_real.py (SmolLM2, the main job) and
+experiments/toy/sweep.py (the tiny trained model).
 
 Config fields (anything else is an error that names it):
   policy:         preset name to evaluate (required; see akv_jax.presets.names()).
   baseline:       preset name to compare against (default "full").
   artifact:       SyntheticConfig fields (seq_len, layers, batch, kv_heads, q_heads, head_dim, window,
-                  test_queries, seed, and the structure knobs of experiments/synthetic.py): generate the artifact.
-  artifact_path:  or load one written by experiments/synthetic.py (.npz or orbax directory).
-  out:            output directory (default out/<policy>); --out overrides it.
+                  test_queries, seed, and the structure knobs of experiments/synthetic/synthetic.py): generate
+                  the artifact.
+  artifact_path:  or load one written by experiments/synthetic/synthetic.py (.npz or orbax directory).
+  out:            output directory (default out/synthetic_<policy>); --out overrides it.
 
-Overrides are applied in order: the YAML file, then --tiny (a ~20 s smoke run: a tiny generated artifact, output
-to <out>-tiny unless --out is given), then each --set (dotted keys, YAML-typed values: --set artifact.seq_len=1024).
+Overrides are applied in order (experiments/config_files.py reads the file and applies each --set): the YAML
+file, then --tiny (a ~20 s smoke run: a tiny generated artifact, output to <out>-tiny unless --out is given), then
+each --set (dotted keys, YAML-typed values: --set artifact.seq_len=1024).
 Writes DIR/results.json (see run_quality_benchmarks.py, plus the resolved config) and DIR/report.md.
 """
 
@@ -27,13 +34,14 @@ import time
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable, as `python -m` would
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import yaml
 
 import akv_jax as akv
-from experiments import run_quality_benchmarks as rqb
-from experiments import config_files, result_files, synthetic
+from experiments import config_files, result_files
+from experiments.synthetic import run_quality_benchmarks as rqb
+from experiments.synthetic import synthetic
 
 FIELDS = ("policy", "baseline", "artifact", "artifact_path", "out")
 # Smallest artifact every preset accepts: S must hold the hybrid presets' 4 sinks + 128-token recent window at
@@ -83,7 +91,7 @@ def resolve(raw: dict[str, Any], *, source: str = "config") -> ExperimentConfig:
   if artifact is not None and not isinstance(artifact, dict):
     raise ValueError(f"config field artifact must be a mapping of {synthetic.field_names()}, got {artifact!r}")
   cfg = None if path is not None else synthetic.config_from_dict(artifact or {})
-  out = raw.get("out") or f"out/{names['policy']}"
+  out = raw.get("out") or f"out/synthetic_{names['policy']}"
   return ExperimentConfig(policy=names["policy"], baseline=names["baseline"], artifact=cfg, artifact_path=path,
                           out=str(out))
 
@@ -153,7 +161,7 @@ def run(cfg: ExperimentConfig, *, out: str | None = None, command: str = "", sho
 def main(argv: list[str] | None = None) -> dict:
   argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", required=True, help="YAML config, e.g. experiments/proxy_hybrid_8x.yaml")
+  parser.add_argument("--config", required=True, help="YAML config, e.g. experiments/synthetic/proxy_hybrid_8x.yaml")
   parser.add_argument("--out", default=None, help="output directory (overrides the config's out)")
   parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config field, dotted for nested ones (repeatable)")
@@ -164,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(args.config, sets=tuple(args.sets), tiny=args.tiny)
   except (ValueError, OSError) as e:
     raise SystemExit(f"error: {e}") from e
-  command = " ".join(["python experiments/run_proxy_experiment.py", *argv])
+  command = result_files.command_line("synthetic/run_proxy_experiment.py", argv)
   results = run(cfg, out=args.out, command=command, show_progress=not args.no_progress)
   out_dir = pathlib.Path(args.out or cfg.out)
   print(rqb.format_table(results))

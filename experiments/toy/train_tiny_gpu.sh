@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Trains the shipped tiny model on a lent GPU (device tool) in one call.
-#   bash experiments/train_tiny_gpu.sh            stage 0 (experiments/train_tiny_stage0.yaml, dense short recall
-#                                                 streams) then stage 1 (experiments/train_tiny.yaml, the tasks,
-#                                                 from stage 0's model): 318 s on an H200
-#   STAGE=2 bash experiments/train_tiny_gpu.sh    stage 2 only (experiments/train_tiny_stage2.yaml): continues the
-#                                                 committed akv_jax/models/default, so unpack stage 1's model
-#                                                 first (8 minutes of training, 544 s on an H200 with the tests)
-#   KERNEL_TESTS=1 ...                            also runs the GPU kernel tests (those of experiments/gpu_check.sh)
-#                                                 beside the training, into $OUT/gpu_tests.log: they are small,
-#                                                 compile-bound jobs, and a device call has no time for both in
-#                                                 turn. No benchmark runs beside training, since timings would be
-#                                                 disturbed.
+#   bash experiments/toy/train_tiny_gpu.sh          stage 0 (experiments/toy/train_tiny_stage0.yaml, dense short
+#                                                   recall streams) then stage 1 (experiments/toy/train_tiny.yaml,
+#                                                   the tasks, from stage 0's model): 318 s on an H200
+#   STAGE=2 bash experiments/toy/train_tiny_gpu.sh  stage 2 only (experiments/toy/train_tiny_stage2.yaml): continues
+#                                                   the committed akv_jax/models/default, so unpack stage 1's model
+#                                                   first (8 minutes of training, 544 s on an H200 with the tests)
+#   KERNEL_TESTS=1 ...                              also runs the GPU kernel tests (those of experiments/gpu_check.sh)
+#                                                   beside the training, into $OUT/gpu_tests.log: they are small,
+#                                                   compile-bound jobs, and a device call has no time for both in
+#                                                   turn. No benchmark runs beside training, since timings would be
+#                                                   disturbed.
 # Writes $OUT/model.tgz and each stage's stdout in $OUT. Unpack with: tar xzf model.tgz -C akv_jax/models/
 # (gives akv_jax/models/default/, with the earlier stages' logs and scores beside the last one's as
 # train_log_stage<k>.jsonl and scores_stage<k>.json).
@@ -32,14 +32,14 @@ if [ "$STAGE" = 2 ]; then
   cp akv_jax/models/default/train_log_stage0.jsonl akv_jax/models/default/scores_stage0.json /tmp/model/default/
   cp akv_jax/models/default/train_log.jsonl /tmp/model/default/train_log_stage1.jsonl
   cp akv_jax/models/default/scores.json /tmp/model/default/scores_stage1.json
-  timeout 560 $PY experiments/train_tiny.py --config experiments/train_tiny_stage2.yaml --out /tmp/model/default \
-    --set workers=12 2>&1 | tee "$OUT/stage2_stdout.txt" | tail -3
+  timeout 560 $PY experiments/toy/train_tiny.py --config experiments/toy/train_tiny_stage2.yaml \
+    --out /tmp/model/default --set workers=12 2>&1 | tee "$OUT/stage2_stdout.txt" | tail -3
 else
-  timeout 120 $PY experiments/train_tiny.py --config experiments/train_tiny_stage0.yaml --out out/stage0 \
+  timeout 120 $PY experiments/toy/train_tiny.py --config experiments/toy/train_tiny_stage0.yaml --out out/stage0 \
     --set workers=12 2>&1 | tee "$OUT/stage0_stdout.txt" | tail -3
   cp out/stage0/train_log.jsonl /tmp/model/default/train_log_stage0.jsonl
   cp out/stage0/scores.json /tmp/model/default/scores_stage0.json
-  timeout 300 $PY experiments/train_tiny.py --config experiments/train_tiny.yaml --out /tmp/model/default \
+  timeout 300 $PY experiments/toy/train_tiny.py --config experiments/toy/train_tiny.yaml --out /tmp/model/default \
     --set workers=12 --set init_from=out/stage0 2>&1 | tee "$OUT/train_stdout.txt" | tail -3
 fi
 tar czf "$OUT/model.tgz" -C /tmp/model default
