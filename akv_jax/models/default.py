@@ -1,4 +1,4 @@
-"""Loading the tiny model experiments/train_tiny.py trains on akv_jax.tasks.
+"""Loading the tiny model experiments/toy/train_tiny.py trains on akv_jax.tasks.
 
 A trained model is a directory with config.json (LlamaConfig fields) and an orbax checkpoint of the params (the
 training log and final scores sit beside them). The shipped one is akv_jax/models/default/ (trained on a GPU;
@@ -28,11 +28,11 @@ def config_from_json(d: dict) -> LlamaConfig:
 
 
 def load_default(path: str | os.PathLike | None = None) -> tuple[LlamaConfig, dict]:
-  """(config, params) of the shipped model, or of a directory written by experiments/train_tiny.py."""
+  """(config, params) of the shipped model, or of a directory written by experiments/toy/train_tiny.py."""
   root = pathlib.Path(path) if path is not None else DEFAULT_DIR
   if not (root / "config.json").is_file() or not (root / "params").is_dir():
     raise ValueError(f"no trained model at {root}: expected config.json and params/ "
-                     "(python experiments/train_tiny.py --config experiments/train_tiny.yaml writes them)")
+                     "(python experiments/toy/train_tiny.py --config experiments/toy/train_tiny.yaml writes them)")
   config = config_from_json(json.loads((root / "config.json").read_text()))
   # Restore onto this process's first device, whatever the topology the checkpoint was saved from (the shipped
   # model was trained on a GPU).

@@ -14,7 +14,7 @@ value, which is why needles need no terminator.
 Records put the id a query asks for right before the id it retrieves ("KEY k v", "VAR src dst"), and a prompt
 ends with the queried id, the answer following it: every retrieval step is then "find my id earlier, copy the id
 after it", the copy an induction head makes. The shipped model learned that lookup in this format
-(experiments/probe_lookup.py measures it); experiments/probe_format.py compares it with the marker formats
+(experiments/toy/probe_lookup.py measures it); experiments/toy/probe_format.py compares it with the marker formats
 (`KEY k VALUE v`, `QUERY k ANSWER v`) this one replaced.
 """
 
