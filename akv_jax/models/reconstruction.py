@@ -92,34 +92,40 @@ def _attention(q, k, v, kv: DenseKV, counts, start, end, sinks: int, block: int)
 
   q [B, T, N, H], k, v [B, T, K, H]: the reconstruction tokens' (post-RoPE); kv: the layer's context cache
   [B, K, S, H] with lengths i32[B]; counts i32[B] real reconstruction tokens; start, end i32[B] the chunk.
+  Queries go `block` at a time through a scan, so the scores held at once are [B, K, G, block, S + T], whatever T.
   """
   b, t, n, h = q.shape
   kh, s = kv.k.shape[1], kv.k.shape[2]
-  qg = (q.astype(jnp.float32) / math.sqrt(h)).reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,H]
-  ck, cv = kv.k.astype(jnp.float32), kv.v.astype(jnp.float32)                                       # [B, K, S, H]
-  nk, nv = k.astype(jnp.float32).transpose(0, 2, 1, 3), v.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, K, T, H]
+  g = n // kh
+  nb = -(-t // block)
+  tp = nb * block
+  qg = (q.astype(jnp.float32) / math.sqrt(h)).reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4)      # [B,K,G,T,H]
+  qg = jnp.pad(qg, ((0, 0), (0, 0), (0, 0), (0, tp - t), (0, 0)))
+  blocks = jnp.moveaxis(qg.reshape(b, kh, g, nb, block, h), 3, 0)                                  # [nb,B,K,G,b,H]
+  keys = jnp.concatenate([kv.k.astype(jnp.float32), k.astype(jnp.float32).transpose(0, 2, 1, 3)], axis=2)
+  values = jnp.concatenate([kv.v.astype(jnp.float32), v.astype(jnp.float32).transpose(0, 2, 1, 3)], axis=2)
   pos = jnp.arange(s)[None, :]
   ctx = pos < kv.lengths[:, None]                                                                    # [B, S]
   chunk = ctx & (pos >= start[:, None]) & (pos < end[:, None])
   # kvpress's sinks: the first min(sinks, start) tokens, so a chunk never counts twice.
   voted = chunk | (ctx & (pos < jnp.minimum(sinks, start)[:, None]))
   real = jnp.arange(t)[None, :] < counts[:, None]                                                    # [B, T]
-  outs, votes = [], jnp.zeros((b, kh, s), jnp.float32)
-  for q0 in range(0, t, block):
-    q1 = min(q0 + block, t)
-    logits = jnp.concatenate([jnp.einsum("BKGTH,BKSH->BKGTS", qg[:, :, :, q0:q1], ck),
-                              jnp.einsum("BKGTH,BKSH->BKGTS", qg[:, :, :, q0:q1], nk[:, :, :q1])], axis=-1)
-    causal = (jnp.arange(q1)[None, :] <= jnp.arange(q0, q1)[:, None])[None] & real[:, None, :q1]   # [B, Tb, q1]
-    new = causal[:, None, None]
-    p = masked_softmax(logits, jnp.concatenate([jnp.broadcast_to(ctx[:, None, None, None], logits.shape[:-1] + (s,)),
-                                                jnp.broadcast_to(new, logits.shape[:-1] + (q1,))], axis=-1))
-    outs.append(jnp.einsum("BKGTS,BKSH->BKGTH", p[..., :s], cv)
-                + jnp.einsum("BKGTS,BKSH->BKGTH", p[..., s:], nv[:, :, :q1]))
-    pv = masked_softmax(logits, jnp.concatenate([jnp.broadcast_to(voted[:, None, None, None], logits.shape[:-1] + (s,)),
-                                                 jnp.broadcast_to(new, logits.shape[:-1] + (q1,))], axis=-1))[..., :s]
-    pv = jnp.where(real[:, None, None, q0:q1, None] & chunk[:, None, None, None, :], pv, 0.0)
-    votes = jnp.maximum(votes, jnp.max(pv, axis=(2, 3)))
-  o = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+
+  def step(votes, xs):
+    qb, i = xs                                                     # [B, K, G, block, H], block index
+    tq = i * block + jnp.arange(block)                             # query index of each row of the block
+    logits = jnp.einsum("BKGTH,BKSH->BKGTS", qb, keys)             # [B, K, G, block, S + T]
+    new = (jnp.arange(t)[None, :] <= tq[:, None])[None] & real[:, None, :]                        # [B, block, T]
+    mask = jnp.concatenate([jnp.broadcast_to(ctx[:, None, :], (b, block, s)), new], axis=-1)[:, None, None]
+    o = jnp.einsum("BKGTS,BKSH->BKGTH", masked_softmax(logits, mask), values)
+    vmask = jnp.concatenate([jnp.broadcast_to(voted[:, None, :], (b, block, s)), new], axis=-1)[:, None, None]
+    pv = masked_softmax(logits, vmask)[..., :s]
+    q_real = (tq[None, :] < counts[:, None])[:, None, None, :, None]                              # [B,1,1,block,1]
+    pv = jnp.where(q_real & chunk[:, None, None, None, :], pv, 0.0)
+    return jnp.maximum(votes, jnp.max(pv, axis=(2, 3))), o
+
+  votes, outs = jax.lax.scan(step, jnp.zeros((b, kh, s), jnp.float32), (blocks, jnp.arange(nb)))
+  o = jnp.moveaxis(outs, 0, 3).reshape(b, kh, g, tp, h)[:, :, :, :t]                             # [B, K, G, T, H]
   return o.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype), votes
 
 
@@ -140,7 +146,7 @@ def _chunk_votes(config: LlamaConfig, params, kvs: tuple[DenseKV, ...], tokens, 
 
 
 def votes(config: LlamaConfig, params, kvs: tuple[DenseKV, ...], tokens, lengths, prompt: Reconstruction,
-          spec: Reconstruct) -> tuple[jax.Array, ...]:
+          spec: Reconstruct, *, block: int = PREFILL_BLOCK) -> tuple[jax.Array, ...]:
   """KVzip's votes f32[B, K, S] for every layer of a prefilled context.
 
   Args:
@@ -148,6 +154,7 @@ def votes(config: LlamaConfig, params, kvs: tuple[DenseKV, ...], tokens, lengths
     tokens: i32[B, S] the context tokens (concrete: the reconstruction inputs are built from them on the host);
       lengths: i32[B].
     prompt: the reconstruction prompt in the model's token ids; spec: chunk size and sinks (the scorer's).
+    block: reconstruction queries per step of the pass (peak memory is [B, K, G, block, S + T] scores).
   """
   toks, lens = np.asarray(tokens), np.asarray(lengths)
   b = toks.shape[0]
@@ -171,6 +178,6 @@ def votes(config: LlamaConfig, params, kvs: tuple[DenseKV, ...], tokens, lengths
       rows[r, :len(seq)] = seq
       counts[r], starts[r], ends[r] = len(seq), lo, hi
     got = _chunk_votes(config, params, tuple(kvs), jnp.asarray(rows), jnp.asarray(counts), jnp.asarray(starts),
-                       jnp.asarray(ends), spec.sinks)
+                       jnp.asarray(ends), spec.sinks, block)
     out = got if out is None else tuple(jnp.maximum(a, g) for a, g in zip(out, got))
   return out
