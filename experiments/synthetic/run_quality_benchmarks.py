@@ -79,20 +79,25 @@ def resolve_policies(policies: Sequence[str | akv.Policy] | str) -> list[akv.Pol
   return out
 
 
-def _needs_rope(policy: akv.Policy) -> bool:
-  return policy.needs(1).rope
+def _needs_model(policy: akv.Policy) -> bool:
+  """The scorer reads something only a model has: its rotary frequencies or a second model pass (KVzip)."""
+  needs = policy.needs(1)
+  return needs.rope or needs.reconstruction is not None
 
 
 def _check_fits(policy: akv.Policy, artifact: dict[str, Any]) -> None:
   """Raises ValueError, naming the policy, when the artifact cannot feed it (before any compilation)."""
   w = artifact["q_obs"].shape[3]
-  if policy.selection == "snapkv" and w < policy.window:  # TOVA reads the last query, H2O any number
-    raise ValueError(f"policy {policy.name!r} scores with window={policy.window} observation queries, but the "
-                     f"artifact holds W={w}; regenerate it with window >= {policy.window}")
   num_layers, s = artifact["k"].shape[0], artifact["k"].shape[3]
-  if _needs_rope(policy):
-    raise ValueError(f"policy {policy.name!r} (selection={policy.selection!r}) needs a model's rotary frequencies, "
-                     "which a synthetic artifact does not have; evaluate it on a model (experiments/run_real.py)")
+  needs = policy.needs(s)
+  # An observation window must be whole (SnapKV family); TOVA reads the last query, H2O as many as there are.
+  if needs.votes == "window" and w < needs.queries:
+    raise ValueError(f"policy {policy.name!r} scores with window={needs.queries} observation queries, but the "
+                     f"artifact holds W={w}; regenerate it with window >= {needs.queries}")
+  if _needs_model(policy):
+    raise ValueError(f"policy {policy.name!r} (selection={policy.selection!r}) needs a model (its rotary "
+                     "frequencies or a model pass), which a synthetic artifact does not have; evaluate it on a "
+                     "model (experiments/run_real.py)")
   for layer in range(num_layers):
     try:
       policy.layout(s, layer, num_layers)
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("artifact", help=".npz file or orbax directory from experiments/synthetic/synthetic.py")
   parser.add_argument("--policies",
-                      default=",".join(n for n in akv.presets.names() if not _needs_rope(akv.presets.get(n))),
+                      default=",".join(n for n in akv.presets.names() if not _needs_model(akv.presets.get(n))),
                       help="comma-separated preset names (default: every preset that needs no model)")
   parser.add_argument("--out", default=None, help="write results as JSON here")
   parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")

@@ -254,8 +254,10 @@ def test_quality_benchmark_errors(artifact):
   small = synthetic.generate(dataclasses.replace(TINY, seq_len=128, min_length_frac=1.0, layers=1))
   with pytest.raises(ValueError, match=r"policy 'hybrid_8x' does not fit the artifact \(S=128.*recent=128"):
     run_quality_benchmarks.run(small, ["full", "hybrid_8x"], show_progress=False)
-  with pytest.raises(ValueError, match="policy 'expected_attention' .* needs a model's rotary frequencies"):
+  with pytest.raises(ValueError, match=r"policy 'expected_attention' .* needs a model \(its rotary frequencies"):
     run_quality_benchmarks.run(artifact, ["expected_attention"], show_progress=False)
+  with pytest.raises(ValueError, match=r"policy 'kvzip' .* needs a model \(its rotary frequencies or a model pass"):
+    run_quality_benchmarks.run(artifact, ["kvzip"], show_progress=False)
 
 
 def test_quality_benchmark_cli_error(npz_path):
