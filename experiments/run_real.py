@@ -248,7 +248,8 @@ def report(results: dict) -> str:
 
 
 def plots(results: dict, out: pathlib.Path) -> None:
-  """accuracy.png: per-task scores per policy and mode; quality.png: accuracy and NLL against the measured ratio."""
+  """accuracy.png: per-task scores per policy and mode; quality.png: the average task score of each mode and the
+  continuation NLL of each prefix against the measured ratio, one line per method family."""
   modes = list(results["tasks"])
   if modes:
     fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 3.6), squeeze=False)
@@ -266,28 +267,40 @@ def plots(results: dict, out: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=120)
     plt.close(fig)
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-  for mode in modes:
-    pols = results["tasks"][mode]["policies"]
-    xs = [e["compression_ratio"] for e in pols.values()]
-    axes[0].scatter(xs, [e["accuracy"]["average"] for e in pols.values()], label=f"question-{mode}")
-    for x, (name, e) in zip(xs, pols.items()):
-      axes[0].annotate(name, (x, e["accuracy"]["average"]), fontsize=6)
-  axes[0].set_xlabel("measured compression ratio")
-  axes[0].set_ylabel("average task score")
-  axes[0].legend(fontsize=7)
-  for prefix, entry in results["continuation"].items():
-    pols = entry["policies"]
-    xs = [e["compression_ratio"] for e in pols.values()]
-    axes[1].scatter(xs, [e["nll"] for e in pols.values()], label=f"S = {prefix}")
-    for x, (name, e) in zip(xs, pols.items()):
-      axes[1].annotate(name, (x, e["nll"]), fontsize=6)
-  axes[1].set_xlabel("measured compression ratio")
-  axes[1].set_ylabel("continuation NLL per token")
-  axes[1].legend(fontsize=7)
+  panels = [(f"question-{m}", results["tasks"][m]["policies"], lambda e: e["accuracy"]["average"],
+             "average task score") for m in modes]
+  panels += [(f"continuation after {p}", entry["policies"], lambda e: e["nll"], "NLL per token")
+             for p, entry in results["continuation"].items()]
+  if not panels:
+    return
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+  for ax, (title, pols, value, ylabel) in zip(axes[0], panels):
+    by_family: dict[str, list] = {}
+    for name, e in pols.items():
+      by_family.setdefault(family(name), []).append((e["compression_ratio"], value(e), name))
+    for fam, points in by_family.items():
+      points.sort()
+      ax.plot([x for x, _, _ in points], [y for _, y, _ in points], "o-" if len(points) > 1 else "o", label=fam,
+              ms=4, lw=1)
+      for x, y, name in points:
+        ax.annotate(name, (x, y), fontsize=5)
+    ax.set_xlabel("measured compression ratio")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+  axes[0][0].legend(fontsize=6)
   fig.tight_layout()
   fig.savefig(out / "quality.png", dpi=120)
   plt.close(fig)
+
+
+def family(name: str) -> str:
+  """A policy's method family for the plots' lines: the preset before any @keep / @ratio, with kivi2/kivi4 and
+  the hybrids each one family."""
+  base = name.partition("@")[0]
+  for prefix in ("kivi", "hybrid"):
+    if base.startswith(prefix):
+      return prefix
+  return base
 
 
 def main(argv: list[str] | None = None) -> dict:
