@@ -201,10 +201,17 @@ def compress(kv: DenseKV, policy: Policy, *, queries: jax.Array | None = None, v
     layer, num_layers: pick the layer's budget (PyramidKV) and bits (guard layers).
     reserve: number of tokens decoding will append; sizes the body of non-evicting policies.
 
+  A policy whose budget has a byte `target` is first resolved to the keep that meets it on this cache's shape
+  (S, K, H, num_layers, reserve; akv_jax.ratios.resolve_target, cached per shape).
+
   Returns:
     CompressedKV holding only the kept tokens, at the layer's precision.
   """
-  _, _, s, _ = validation.dense(kv, per_row_lengths=True)
+  _, kh, s, h = validation.dense(kv, per_row_lengths=True)
+  if policy.budget.target is not None:
+    from akv_jax import ratios  # noqa: PLC0415 (ratios measures policies through this module)
+    policy = ratios.resolve_target(policy, ratios.CacheShape(s=s, num_layers=num_layers, kv_heads=kh, head_dim=h),
+                                   reserve=reserve)
   lay = policy.layout(s, layer, num_layers, reserve=reserve)
   obs = Observations(queries=queries, votes=votes,
                      inv_freq=None if inv_freq is None else jnp.asarray(inv_freq, jnp.float32))

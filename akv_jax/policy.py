@@ -282,8 +282,12 @@ class Policy:
                 layer_bits=None if self.layer_bits is None else list(self.layer_bits))
 
   def with_keep(self, keep: float) -> Policy:
-    """The same recipe keeping `keep` of the tokens."""
-    return dataclasses.replace(self, budget=dataclasses.replace(self.budget, keep=keep))
+    """The same recipe keeping `keep` of the tokens (a byte target, if any, is dropped: keep is now fixed)."""
+    return dataclasses.replace(self, budget=dataclasses.replace(self.budget, keep=keep, target=None))
+
+  def with_target(self, target: float | None) -> Policy:
+    """The same recipe held to a compression ratio `target` on whatever shape it compresses (None: its keep)."""
+    return dataclasses.replace(self, budget=dataclasses.replace(self.budget, target=target))
 
   def bits_for(self, layer: int, num_layers: int) -> tuple[int | None, int | None]:
     """(key bits, value bits) of one layer; None means bf16."""

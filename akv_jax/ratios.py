@@ -14,6 +14,7 @@ exactly the arrays a real run holds (tests/library/test_presets.py checks this a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -65,9 +66,9 @@ def held_bytes(policy: Policy, shape: CacheShape, *, reserve: int = 0, window: i
              for layer in range(shape.num_layers))
 
 
-def measured_ratio(policy: Policy, shape: CacheShape) -> float:
-  """Dense bf16 bytes of `shape` over the bytes the policy's cache holds."""
-  return shape.dense_bf16_bytes() / held_bytes(policy, shape)
+def measured_ratio(policy: Policy, shape: CacheShape, *, reserve: int = 0) -> float:
+  """Dense bf16 bytes of `shape` over the bytes the policy's cache holds (with room for `reserve` decode tokens)."""
+  return shape.dense_bf16_bytes() / held_bytes(policy, shape, reserve=reserve)
 
 
 def _smallest_keep(policy: Policy, s: int) -> float:
@@ -82,7 +83,7 @@ def _smallest_keep(policy: Policy, s: int) -> float:
 
 
 def fit_keep(policy: Policy, target: float, shape: CacheShape, *, tol: float = 0.005,
-             iterations: int = 30) -> Policy:
+             iterations: int = 30, reserve: int = 0) -> Policy:
   """The policy with the keep fraction whose measured ratio on `shape` is `target` (within tol, relatively).
 
   The ratio falls as keep grows, in steps (budgets are whole tokens, rounded to key groups and pages), so this
@@ -96,15 +97,16 @@ def fit_keep(policy: Policy, target: float, shape: CacheShape, *, tol: float = 0
   """
   if policy.scorer is None:
     raise ValueError(f"policy {policy.name!r} keeps every token, so keep cannot be fitted; its ratio on this "
-                     f"shape is {measured_ratio(policy, shape):.2f}x")
+                     f"shape is {measured_ratio(policy, shape, reserve=reserve):.2f}x")
   if target <= 0:
     raise ValueError(f"target={target} must be > 0")
-  ratio = lambda keep: measured_ratio(policy.with_keep(keep), shape)  # noqa: E731
+  ratio = lambda keep: measured_ratio(policy.with_keep(keep), shape, reserve=reserve)  # noqa: E731
   lo = _smallest_keep(policy, shape.s)
   best = ratio(lo)
   if best < target * (1 - tol):
     raise ValueError(f"policy {policy.name!r} reaches at most {best:.2f}x on {shape} (keep={lo:.4f}), short of "
-                     f"the target {target}x: its guard bands and bits hold too much for this shape")
+                     f"the target {target}x: its guard bands and bits hold too much for this shape; a target up "
+                     f"to {best:.2f}x, a smaller recent window or fewer bits would meet it")
   if best <= target * (1 + tol):
     return policy.with_keep(lo)
   hi = 1.0
@@ -123,3 +125,32 @@ def fit_keep(policy: Policy, target: float, shape: CacheShape, *, tol: float = 0
     else:
       hi = mid
   return policy.with_keep(lo)
+
+
+# How far a resolved target may land from the ratio asked for: budgets move in whole tokens, key groups and pages.
+TARGET_TOLERANCE = 0.03
+
+
+@functools.lru_cache(maxsize=512)
+def resolve_target(policy: Policy, shape: CacheShape, *, reserve: int = 0) -> Policy:
+  """The policy with its budget's byte target replaced by the keep that meets it on `shape` with room for
+  `reserve` decode tokens: the held arrays measure within TARGET_TOLERANCE of the target (from above where the
+  steps allow). Cached per (policy, shape, reserve), so compress solves once per model shape, not per layer.
+
+  Raises:
+    ValueError: no keep meets the target within the tolerance (guard bands alone hold more, or even keeping
+      every token holds less), naming the ratio the recipe reaches.
+  """
+  target = policy.budget.target
+  if target is None:
+    return policy
+  recipe = policy.with_target(None)
+  fitted = fit_keep(recipe, target, shape, reserve=reserve)
+  got = measured_ratio(fitted, shape, reserve=reserve)
+  if abs(got / target - 1) > TARGET_TOLERANCE:
+    what = ("keeping every token already holds less" if fitted.budget.keep >= 1.0 else
+            "the budget steps (tokens, key groups, pages) allow no closer")
+    raise ValueError(f"policy {policy.name!r} cannot meet target={target}x on {shape} (reserve {reserve}): it "
+                     f"measures {got:.2f}x at keep={fitted.budget.keep:.4f} ({what}); a target within "
+                     f"{TARGET_TOLERANCE:.0%} of {got:.2f}x would be met")
+  return fitted

@@ -203,6 +203,11 @@ class Budget:
   """Base of the budget rules. `keep` is the fraction of the S tokens a layer keeps on average, sinks and recent
   window included.
 
+  `target`, when given, replaces `keep` by a byte target: the compression ratio against a dense bf16 cache that
+  the held arrays must measure on the shape compress sees (S, layers, K, H, and the decode reserve), guard bands,
+  scales, positions and page rounding included. compress solves the keep for that shape (akv_jax.ratios.
+  resolve_target, once per shape) and raises, naming what is reachable, when no keep meets it within 3%.
+
   Class attributes:
     name: registry name (`Policy(budget=name)`).
     paged: heads of a layer keep different counts, so the body lives in a shared page pool.
@@ -211,10 +216,13 @@ class Budget:
   name: ClassVar[str] = ""
   paged: ClassVar[bool] = False
   keep: float = 1.0
+  target: float | None = dataclasses.field(default=None, kw_only=True)
 
   def __post_init__(self):
     if not 0.0 < self.keep <= 1.0:
       raise ValueError(f"keep={self.keep} must be in (0, 1]")
+    if self.target is not None and not (isinstance(self.target, (int, float)) and self.target > 1.0):
+      raise ValueError(f"target={self.target!r} must be a compression ratio > 1 (bf16 bytes over held bytes)")
 
   def layer_selected(self, avg: int, recent: int, layer: int, num_layers: int) -> int:
     """Selected tokens per head of `layer` when a layer keeps `avg` on average besides sinks and window."""
