@@ -316,7 +316,8 @@ def prefill(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array, 
       or None: Pallas on a GPU, XLA otherwise (akv_jax.dispatch).
     interpret: run the kernel in interpret mode (CPU tests).
     reconstruction: KVzip's reconstruction prompt, for a scorer that asks for that pass (see `prefill_many`,
-      which then runs the prefill: the pass needs every layer's full cache before any layer is compressed).
+      which then runs the prefill: the pass needs every layer's full cache before any layer is compressed);
+      ignored by every other policy.
 
   Returns:
     (logits f32[B, V] of each row's last prompt token, cache: one CompressedKV per layer).
@@ -324,7 +325,7 @@ def prefill(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array, 
   _check_tokens(config, tokens, lengths)
   _check_capacity(config, tokens.shape[1], reserve)
   _prefill_attention(config, implementation, interpret, policy)   # validates the request before tracing
-  if policy.needs(tokens.shape[1]).reconstruction is not None or reconstruction is not None:
+  if policy.needs(tokens.shape[1]).reconstruction is not None:
     # The reconstruction pass needs every layer's full cache first, which prefill_many's pass keeps.
     if implementation == "pallas":
       raise ValueError(f"policy {policy.name!r} scores from a context-reconstruction pass, which runs on the XLA "
