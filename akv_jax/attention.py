@@ -8,6 +8,7 @@ Softmax is order-invariant, so only this pairing matters, not where a token is s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -18,6 +19,7 @@ from akv_jax import body as _body
 from akv_jax import chunked as _chunked
 from akv_jax import dispatch
 from akv_jax import fused as _fused
+from akv_jax import rotation as _rotation
 from akv_jax import validation
 from akv_jax.cache import CompressedKV
 from akv_jax.softmax import masked_softmax
@@ -110,6 +112,15 @@ def attend(q: jax.Array, ckv: CompressedKV, *, scale: float | None = None, retur
   dispatch.check(implementation, interpret)
   b, kh, h = validation.compressed(ckv)
   validation.queries(q, b, kh, h, name="q", ranks=(3, 4))
+  if ckv.rotation is not None:
+    # Rotated storage (akv_jax.rotation): the query goes into the keys' basis once, the output comes back from
+    # the values' basis once, and whichever path runs in between sees an ordinary cache.
+    out = attend(_rotation.rotate_queries(q, ckv.rotation[:, :, 0]),
+                 dataclasses.replace(ckv, rotation=None), scale=scale, return_probs=return_probs,
+                 implementation=implementation, interpret=interpret)
+    o, probs = out if return_probs else (out, None)
+    o = _rotation.unrotate_output(o, ckv.rotation[:, :, 1]).astype(q.dtype)
+    return (o, probs) if return_probs else o
   if q.ndim == 4:
     xla_why = f"the chunked path attends one query token per row (q [B, N, H]), got q of shape {q.shape}"
   elif return_probs:

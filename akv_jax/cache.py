@@ -124,6 +124,8 @@ class CompressedKV:
     sink_fill: i32[B] valid sink slots.
     next_pos: i32[B] original position the next appended token gets.
     page_table: i32[B, K, P_max] or None; -1 marks pages a head does not own (its capacity ends there).
+    rotation: int8[B, K, 2, H] the random signs of the rotated storage (akv_jax.rotation: keys, then values), or
+      None. When present, every stored key and value (sinks, body, recent) is in the rotated basis.
     state: the policy's decode rule's own state, a pytree of its `state_type` (H2O's accumulated attention,
       akv_jax.decode_rules.AttentionTotals), or None for rules that keep none.
     page_size: Q, static; 1 when unpaged.
@@ -147,6 +149,7 @@ class CompressedKV:
   dropped: jax.Array
   page_table: jax.Array | None = None
   state: Any = None
+  rotation: jax.Array | None = None
   page_size: int = dataclasses.field(default=1, metadata=dict(static=True))
 
   @property

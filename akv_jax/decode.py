@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from akv_jax import body as _body
 from akv_jax import dispatch, validation
+from akv_jax import rotation as _rotation
 from akv_jax.cache import CompressedKV, QuantizedTensor
 from akv_jax.decode_rules import DECODE_RULES, DecodeRule
 from akv_jax.policy import Policy
@@ -142,6 +143,9 @@ def _append(ckv: CompressedKV, k_t: jax.Array, v_t: jax.Array, policy: Policy, i
     raise ValueError(f"policy {policy.name!r} evicts but this cache was not built by an evicting policy "
                      "(its body is quantized)")
   check_state(ckv, policy)
+  if ckv.rotation is not None:   # rotated storage: the token joins the cache in its basis
+    k_t = _rotation.rotate(k_t, ckv.rotation[:, :, 0]).astype(k_t.dtype)
+    v_t = _rotation.rotate(v_t, ckv.rotation[:, :, 1]).astype(v_t.dtype)
   # The recent capacity is the bf16 window plus one flush unit of headroom (see Policy.layout).
   recent = ckv.recent_capacity - flush
   rows = jnp.ones(ckv.sink_fill.shape, bool) if rows is None else rows

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from akv_jax import dispatch, validation
+from akv_jax import rotation as _rotation
 from akv_jax.attention import cache_slots
 from akv_jax.cache import CompressedKV
 from akv_jax.decode import _append, check_state
@@ -79,7 +80,16 @@ def _extend(q, k, v, ckv: CompressedKV, policy: Policy, counts, scale, implement
   b, _, _, t, h = _check(q, k, v, ckv, counts)
   counts = jnp.full((b,), t, jnp.int32) if counts is None else jnp.asarray(counts, jnp.int32)
   scale = 1.0 / math.sqrt(h) if scale is None else scale
-  out, old_probs, new_probs = _attention(q, k, v, ckv, counts, scale)
+  rot = ckv.rotation
+  if rot is None:
+    out, old_probs, new_probs = _attention(q, k, v, ckv, counts, scale)
+  else:
+    # Rotated storage: the chunk attends in the cache's basis, its tokens as append will store them, and the
+    # output comes back once; append rotates the tokens itself, so the scan below gets them as given.
+    out, old_probs, new_probs = _attention(
+        _rotation.rotate_queries(q, rot[:, :, 0]), _rotation.rotate(k, rot[:, :, 0]).astype(k.dtype),
+        _rotation.rotate(v, rot[:, :, 1]).astype(v.dtype), ckv, counts, scale)
+    out = _rotation.unrotate_output(out, rot[:, :, 1]).astype(q.dtype)
   check_state(ckv, policy)
   # The rule sees the chunk's attention to the body and recent slots (sinks are never evicted, so it gets none
   # of theirs), and each new token's from the later tokens of its chunk as it is appended.

@@ -9,10 +9,13 @@ new prompt length of the same capacity S does not retrace.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from akv_jax import body as _body
+from akv_jax import rotation as _rotation
 from akv_jax import selection, validation
 from akv_jax.cache import CompressedKV, DenseKV
 from akv_jax.policy import Layout, Policy
@@ -106,7 +109,8 @@ def _scores(policy: Policy, lay: Layout, kv: DenseKV, obs: Observations) -> jax.
   return scorer.score(kv, obs)
 
 
-def _compress(kv: DenseKV, obs: Observations, policy: Policy, lay: Layout) -> CompressedKV:
+def _compress(kv: DenseKV, obs: Observations, signs, policy: Policy, lay: Layout) -> CompressedKV:
+  """signs: int8[K, 2, H] of the rotated storage (akv_jax.rotation), or None."""
   b, kh, s, h = validation.dense(kv, per_row_lengths=True)
   if policy.scorer is not None:
     policy.scorer.check_observations(obs, b, kh, h, s)
@@ -119,6 +123,12 @@ def _compress(kv: DenseKV, obs: Observations, policy: Policy, lay: Layout) -> Co
   w = jnp.maximum(lengths - ws, 0)                                # [B] window tokens
   scores = _scores(policy, lay, kv, obs)
   sel_idx, count, budget = _select(policy, lay, kv, scores, ws)
+  rot = None
+  if signs is not None:
+    # Selected from the tokens as they are; stored rotated (every part, so one query rotation serves them all).
+    rot = jnp.broadcast_to(signs[None], (b,) + signs.shape)
+    kv = dataclasses.replace(kv, k=_rotation.rotate(kv.k, rot[:, :, 0]).astype(kv.k.dtype),
+                             v=_rotation.rotate(kv.v, rot[:, :, 1]).astype(kv.v.dtype))
   n = sel_idx.shape[-1]
   kb = (count // u) * u                                          # keys quantized in whole groups
   vb = count
@@ -174,7 +184,8 @@ def _compress(kv: DenseKV, obs: Observations, policy: Policy, lay: Layout) -> Co
       key_fill=kb.astype(jnp.int32), value_fill=vb.astype(jnp.int32),
       recent_k=recent_k, recent_v=recent_v, recent_pos=recent_pos.astype(jnp.int32),
       recent_fill=recent_fill.astype(jnp.int32), sink_fill=sink_fill, next_pos=lengths,
-      dropped=jnp.zeros((b, kh), jnp.int32), page_table=page_table, state=state, page_size=page_size)
+      dropped=jnp.zeros((b, kh), jnp.int32), page_table=page_table, state=state, rotation=rot,
+      page_size=page_size)
 
 
 # Compiled per (policy, layout), not per layer: layers whose budgets and bits agree share one program.
@@ -215,7 +226,8 @@ def compress(kv: DenseKV, policy: Policy, *, queries: jax.Array | None = None, v
   lay = policy.layout(s, layer, num_layers, reserve=reserve)
   obs = Observations(queries=queries, votes=votes,
                      inv_freq=None if inv_freq is None else jnp.asarray(inv_freq, jnp.float32))
-  return _compress_jit(kv, obs, policy=policy, lay=lay)
+  signs = None if policy.rotation is None else jnp.asarray(_rotation.signs(policy.rotation, layer, kh, h))
+  return _compress_jit(kv, obs, signs, policy=policy, lay=lay)
 
 
 def compress_layers(kvs, policy: Policy, *, queries=None, votes=None, inv_freq=None,
@@ -237,7 +249,8 @@ def logical_view(ckv: CompressedKV, dtype=jnp.float32):
   """Per-head logical order of the kept non-sink tokens.
 
   Returns (k, v, pos, valid): k, v [B, K, M + R, H] in `dtype`, pos i32[B, K, M + R], valid bool[B, K, M + R];
-  slot i is the i-th kept token after the sinks (body slots first, then the recent buffer).
+  slot i is the i-th kept token after the sinks (body slots first, then the recent buffer). Rotated storage is
+  rotated back: this is the tokens as they were given.
   """
   bk = _body.dequantize_heads(ckv, ckv.body_k, dtype)
   bv = _body.dequantize_heads(ckv, ckv.body_v, dtype)
@@ -252,8 +265,11 @@ def logical_view(ckv: CompressedKV, dtype=jnp.float32):
   allk = jnp.concatenate([bk, ckv.recent_k.astype(dtype)], axis=2)
   allv = jnp.concatenate([bv, ckv.recent_v.astype(dtype)], axis=2)
   allp = jnp.concatenate([bpos, ckv.recent_pos], axis=2)
-  return (_take(allk, kidx, valid), _take(allv, vidx, valid), jnp.where(valid, _take(allp, vidx, valid), -1),
-          valid)
+  k, v = _take(allk, kidx, valid), _take(allv, vidx, valid)
+  if ckv.rotation is not None:
+    k = _rotation.unrotate(k, ckv.rotation[:, :, 0]).astype(dtype)
+    v = _rotation.unrotate(v, ckv.rotation[:, :, 1]).astype(dtype)
+  return k, v, jnp.where(valid, _take(allp, vidx, valid), -1), valid
 
 
 @jax.jit
@@ -264,8 +280,11 @@ def decompress(ckv: CompressedKV) -> DenseKV:
   z = ckv.sink_k.shape[2]
   spos = jnp.broadcast_to(jnp.arange(z, dtype=jnp.int32), ckv.sink_k.shape[:3])
   svalid = spos < ckv.sink_fill[:, None, None]
-  k = jnp.concatenate([ckv.sink_k.astype(jnp.float32), k], axis=2)
-  v = jnp.concatenate([ckv.sink_v.astype(jnp.float32), v], axis=2)
+  sink_k, sink_v = ckv.sink_k.astype(jnp.float32), ckv.sink_v.astype(jnp.float32)
+  if ckv.rotation is not None:
+    sink_k, sink_v = _rotation.unrotate(sink_k, ckv.rotation[:, :, 0]), _rotation.unrotate(sink_v, ckv.rotation[:, :, 1])
+  k = jnp.concatenate([sink_k, k], axis=2)
+  v = jnp.concatenate([sink_v, v], axis=2)
   pos = jnp.concatenate([jnp.where(svalid, spos, -1), pos], axis=2)
   valid = jnp.concatenate([svalid, valid], axis=2)
   # Sort valid tokens by position (evicting policies reuse body slots out of order), empties last.

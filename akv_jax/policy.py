@@ -156,6 +156,8 @@ class Policy:
     decode: the decode rule; default: the scorer's own (`Scorer.decode_rule`), else KiviResidual.
     layer_bits: explicit bits per layer for keys and values (None entries: bf16); overrides keys, values and
       guard layers, with their group sizes.
+    rotation: seed of the rotated storage (akv_jax.rotation: a randomized Hadamard transform per layer and kv
+      head on keys and values before they are stored), or None.
   """
 
   name: str = "custom"
@@ -166,15 +168,16 @@ class Policy:
   guards: Guards = Guards()
   decode: DecodeRule = KiviResidual()
   layer_bits: tuple[int | None, ...] | None = None
+  rotation: int | None = None
 
   def __init__(self, *, name: str = "custom", scorer: _scorers.Scorer | str | None = None,
                budget: Budget | str | None = None, keys: QuantSpec | None = None, values: QuantSpec | None = None,
                guards: Guards | None = None, decode: DecodeRule | str | None = None,
-               layer_bits: tuple[int | None, ...] | None = None, **legacy):
+               layer_bits: tuple[int | None, ...] | None = None, rotation: int | None = None, **legacy):
     unknown = sorted(set(legacy) - set(LEGACY_FIELDS))
     if unknown:
       raise TypeError(f"Policy got unexpected keyword {unknown[0]!r}; its parts are scorer, budget, keys, values, "
-                      "guards, decode and layer_bits")
+                      "guards, decode, layer_bits and rotation")
     _check_legacy(legacy)
     if "selection" in legacy:
       # The flat spelling names the scorer; the decode rule follows it, as it did when it was implied.
@@ -203,8 +206,11 @@ class Policy:
       if decode not in DECODE_RULES:
         raise ValueError(f"decode={decode!r} is unknown; use one of {tuple(DECODE_RULES)}")
       decode = DECODE_RULES[decode]()
+    if rotation is not None and (not isinstance(rotation, int) or isinstance(rotation, bool) or rotation < 0):
+      raise ValueError(f"rotation={rotation!r} must be a seed (an int >= 0) or None")
     for field, value in dict(name=name, scorer=scorer, budget=budget, keys=keys, values=values, guards=guards,
-                             decode=decode, layer_bits=None if layer_bits is None else tuple(layer_bits)).items():
+                             decode=decode, layer_bits=None if layer_bits is None else tuple(layer_bits),
+                             rotation=rotation).items():
       object.__setattr__(self, field, value)
     self._validate()
 
@@ -279,7 +285,7 @@ class Policy:
       return {"name": obj.name, **dataclasses.asdict(obj)} if hasattr(obj, "name") else dataclasses.asdict(obj)
     return dict(name=self.name, scorer=part(self.scorer), budget=part(self.budget), keys=part(self.keys),
                 values=part(self.values), guards=dataclasses.asdict(self.guards), decode=part(self.decode),
-                layer_bits=None if self.layer_bits is None else list(self.layer_bits))
+                layer_bits=None if self.layer_bits is None else list(self.layer_bits), rotation=self.rotation)
 
   def with_keep(self, keep: float) -> Policy:
     """The same recipe keeping `keep` of the tokens (a byte target, if any, is dropped: keep is now fixed)."""

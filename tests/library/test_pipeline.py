@@ -269,13 +269,13 @@ def test_overflow_is_counted_not_silent():
 def test_no_retracing_across_lengths():
   kv, q_obs, q = _inputs(dtype=jnp.bfloat16)
   pol = _small("hybrid_8x")
-  comp = jax.jit(chex.assert_max_traces(pipeline._compress, n=1), static_argnums=(2, 3))
+  comp = jax.jit(chex.assert_max_traces(pipeline._compress, n=1), static_argnums=(3, 4))
   lay = pol.layout(S, 0, 4, reserve=16)
   att = jax.jit(chex.assert_max_traces(attention._attend, n=1), static_argnums=(2, 3))
   app = jax.jit(chex.assert_max_traces(decode._append, n=1), static_argnums=(3,))
   for lengths in ((160, 97), (120, 60), (33, 159)):
-    c = comp(dataclasses.replace(kv, lengths=jnp.array(lengths)), akv.selection.Observations(queries=q_obs), pol,
-             lay)
+    c = comp(dataclasses.replace(kv, lengths=jnp.array(lengths)), akv.selection.Observations(queries=q_obs), None,
+             pol, lay)
     att(q, c, None, False)
     for t in range(3):
       c = app(c, kv.k[:, :, t], kv.v[:, :, t], pol)
