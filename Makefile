@@ -53,6 +53,7 @@ endef
 results-real: setup
 	$(call run_real_stages,experiments/smollm2_core_4k.yaml)
 	$(call run_real_stages,experiments/smollm2_ea_4k.yaml)
+	$(call run_real_stages,experiments/smollm2_kvzip_4k.yaml)
 	$(call run_real_stages,experiments/smollm2_sweep_4k.yaml)
 	$(call run_real_stages,experiments/smollm2_ablation_4k.yaml)
 	$(call run_real_stages,experiments/smollm2_8k.yaml)
