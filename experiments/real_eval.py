@@ -9,8 +9,8 @@ identical inputs, and every policy of a run is scored from the same forward pass
   Two modes: "aware" prefills context and question together, so the question sits in the observation window;
   "agnostic" (kvpress's default) compresses the context alone, then runs the question over the compressed cache
   (`models.generate_from(..., suffix=question)`, akv.extend) and generates.
-- Bytes: the arrays each policy's prefill cache holds (akv.nbytes of the arrays themselves, before decoding takes them),
-  against a dense bf16 cache of the same token capacity. In agnostic mode the
+- Bytes: the arrays each policy's prefill cache holds without its decode room (`held_bytes`), against a dense bf16
+  cache of the same token capacity. In agnostic mode the
   cache is the compressed context's.
 - Continuation: the first S tokens of a play are prefilled and compressed, then its next N tokens are fed one
   decode step at a time (`models.teacher_force`, so KIVI's flush and StreamingLLM / H2O eviction happen as in
@@ -21,6 +21,7 @@ identical inputs, and every policy of a run is scored from the same forward pass
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import time
 from typing import Callable, Sequence
@@ -161,6 +162,22 @@ def dense_bf16_bytes(config: models.LlamaConfig, batch: int, width: int) -> int:
 
 
 
+def held_bytes(model: RealModel, policies, shape: tuple[int, int]) -> list[int]:
+  """Bytes each policy's prefill cache holds for a [B, S] prompt batch, without the room reserved for decoding
+  (the dense baseline counts the prompt's tokens only, so both sides count the same tokens): the arrays of every
+  layer's compress, from their shapes (akv.ratios.held_bytes; storage is static-shaped, so a run holds exactly
+  these; tests/library/test_presets.py checks it against materialized caches)."""
+  c = model.config
+  cache_shape = ratios.CacheShape(s=shape[1], num_layers=c.num_layers, kv_heads=c.num_kv_heads, head_dim=c.hd,
+                                  q_heads=c.num_heads, batch=shape[0])
+  return [_held(p, cache_shape) for p in policies]
+
+
+@functools.lru_cache(maxsize=256)
+def _held(policy: akv.Policy, shape: ratios.CacheShape) -> int:
+  return ratios.held_bytes(policy, shape)
+
+
 def _batches(samples: Sequence[text.TextSample], batch: int):
   """Consecutive batches of exactly `batch` rows (the last padded with copies of its last sample, whose answers are
   dropped), so every forward pass has one shape and compiles once. Yields (rows, real row count)."""
@@ -223,8 +240,7 @@ def accuracy(model: RealModel, policies: Sequence[akv.Policy], samples: Sequence
       reserve = new + suffix.shape[1]
     logits, caches = models.prefill_many(model.config, model.params, tokens, lengths, policies, reserve=reserve,
                                          reconstruction=recon)
-    # Counted from the arrays the prefill holds, before decoding takes (donates) them.
-    for pol, nbytes in zip(policies, [akv.nbytes(c) for c in caches]):
+    for pol, nbytes in zip(policies, held_bytes(model, policies, tokens.shape)):
       state["held"][pol.name] += nbytes * real // len(group)
     for pol, cache in zip(policies, caches):
       out, _, _ = models.generate_from(model.config, model.params, logits, cache, pol, new,
@@ -274,7 +290,7 @@ def continuation(model: RealModel, policies: Sequence[akv.Policy], plays: Sequen
   recon = model.reconstruction(chat=False) if any(p.needs(1).reconstruction for p in policies) else None
   logits0, caches = models.prefill_many(model.config, model.params, seq[:, :prefix], lengths, policies,
                                         reserve=tokens, reconstruction=recon)
-  held = [akv.nbytes(c) for c in caches]       # before teacher forcing takes (donates) them
+  held = held_bytes(model, policies, (len(plays), prefix))
   targets = seq[:, prefix:]                                                   # [P, N]
   ref_logp = ref_top = None
   out = {}
