@@ -16,6 +16,7 @@ Typical use:
     out, ckv = akv.extend(q_t, k_t, v_t, ckv, policy)  # T tokens: q_t [B, N, T, H], k_t, v_t [B, K, T, H]
 """
 
+from akv_jax import bit_allocation as bit_allocation
 from akv_jax import decode_rules as decode_rules
 from akv_jax import metrics as metrics
 from akv_jax import policy as policy

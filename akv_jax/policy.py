@@ -328,6 +328,9 @@ class Policy:
       raise ValueError(f"sequence length S={s} must be >= 1")
     if reserve < 0:
       raise ValueError(f"reserve={reserve} must be >= 0")
+    if self.budget.target is not None:   # its keep is not what it holds: only the shape decides that
+      raise ValueError(f"policy {self.name!r} has target={self.budget.target}x, which compress resolves for the "
+                       "cache's shape; lay out akv.ratios.resolve_target(policy, shape) instead")
     key_spec, value_spec = self.specs_for(layer, num_layers)
     flush = key_spec.group if key_spec is not None and key_spec.axis == "channel" else 1
     z = self.n_sink

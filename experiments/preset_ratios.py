@@ -4,9 +4,11 @@
 
 Storage is static-shaped, so jax.eval_shape of compress gives exactly the arrays a real run holds
 (tests/library/test_presets.py checks that against materialized caches). Shape: a Llama-3-8B-like layer stack,
-32 layers, K = 8 kv heads, N = 32 query heads, H = 128, batch 1, bf16 input (what the presets were calibrated on),
-and under "smollm2" the real model's (30 layers, K = 3, N = 9, H = 64) at 4096 and 8192 tokens, where the same
-presets measure less than their names (the real-model runs fit their keep, akv_jax.ratios.fit_keep).
+32 layers, K = 8 kv heads, N = 32 query heads, H = 128, batch 1, bf16 input; under "smollm2" the real model's
+(30 layers, K = 3, N = 9, H = 64) at 4096 and 8192 tokens; under "toy" the shipped tiny model's (4 layers, K = 2,
+N = 4, H = 64) at 2048. The presets named for a ratio are byte targets (compress solves their keep per shape): each
+row gives the keep solved there, and `fixed_keep_ratio` what the preset's fixed keep (akv.presets.fixed) measures,
+which drifts with the shape as every preset's did before they became targets.
 """
 
 from __future__ import annotations
@@ -30,9 +32,14 @@ def _ratios(lengths: list[int], shape: akv.ratios.CacheShape) -> dict:
     rows[name] = {}
     for s in lengths:
       at = dataclasses.replace(shape, s=s)
-      held = akv.ratios.held_bytes(akv.presets.get(name), at)
-      rows[name][str(s)] = {"held_bytes": held, "dense_bf16_bytes": at.dense_bf16_bytes(),
-                            "ratio": at.dense_bf16_bytes() / held}
+      preset = akv.presets.get(name)
+      resolved = akv.ratios.resolve_target(preset, at)
+      held = akv.ratios.held_bytes(resolved, at)
+      row = {"held_bytes": held, "dense_bf16_bytes": at.dense_bf16_bytes(), "ratio": at.dense_bf16_bytes() / held}
+      if preset.budget.target is not None:
+        row |= {"target": preset.budget.target, "keep": resolved.keep,
+                "fixed_keep_ratio": akv.ratios.measured_ratio(preset.with_target(None), at)}
+      rows[name][str(s)] = row
   return rows
 
 
@@ -49,7 +56,9 @@ def main(argv: list[str] | None = None) -> None:
   result = {"command": result_files.command_line("preset_ratios.py", argv), "shape": shape, "batch": 1,
             "ratios": rows,
             "smollm2": {"shape": smollm2, "ratios": _ratios(
-                [4096, 8192], akv.ratios.CacheShape(s=1, num_layers=30, kv_heads=3, head_dim=64, q_heads=9))}}
+                [4096, 8192], akv.ratios.CacheShape(s=1, num_layers=30, kv_heads=3, head_dim=64, q_heads=9))},
+            "toy": {"shape": dict(layers=4, kv_heads=2, q_heads=4, head_dim=64), "ratios": _ratios(
+                [2048], akv.ratios.CacheShape(s=1, num_layers=4, kv_heads=2, head_dim=64, q_heads=4))}}
   result_files.write_json(args.out, result)
   header = "| preset | " + " | ".join(f"S={s}" for s in lengths) + " |"
   print(header + "\n|---|" + "---|" * len(lengths))

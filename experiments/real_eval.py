@@ -95,13 +95,14 @@ _NAMED_RATIO = re.compile(r"_(\d+(?:\.\d+)?)x$")
 def resolve_policy(name: str, shape: ratios.CacheShape | None = None, *, fit_named: bool = False) -> akv.Policy:
   """A policy from its name.
 
-    preset          the preset as defined (akv.presets); with fit_named, a preset named for a ratio (hybrid_8x)
-                    has its keep fitted so that it measures that ratio on `shape`
+    preset          the preset at its fixed keep (akv.presets.fixed); with fit_named, a preset named for a ratio
+                    (hybrid_8x) meets its byte target on `shape`: its keep fitted so that it measures that ratio
+                    there (the prefill cache, without decode room, as held_bytes counts it)
     preset@0.25     the preset with keep 0.25
     preset@8x       the preset with its keep fitted to measure 8x on `shape` (akv.ratios.fit_keep)
   """
   base, _, arg = name.partition("@")
-  pol = akv.presets.get(base)
+  pol = akv.presets.fixed(base)
   named = _NAMED_RATIO.search(base)
   target = None
   if arg.endswith("x"):

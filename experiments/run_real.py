@@ -13,8 +13,8 @@ DIR/quality.png (accuracy and NLL against the measured ratio).
 Config fields (anything else is an error naming it):
   policies        presets, preset@keep (snapkv@0.125) or preset@ratio (snapkv@8x: keep fitted to measure 8x on this
                   model at `length`); baseline: the reference (default full)
-  fit_named       fit the keep of presets named for a ratio (hybrid_8x) to measure it on this model at `length`
-                  (akv_jax.ratios.fit_keep); false: the presets as defined
+  fit_named       presets named for a ratio (hybrid_8x) meet it on this model at `length`: their byte target,
+                  solved once here (akv_jax.ratios.fit_keep); false: their fixed keep (akv.presets.fixed)
   dtype, kv_dtype model activations and cache dtype (default float32 with a bfloat16 cache: fastest on a CPU)
   tasks, length   akv_jax.tasks.text task names and the prompt length in tokens on the model's tokenizer
   samples, batch  prompts per task, and rows per forward pass

@@ -347,6 +347,28 @@ def _check_reconstruction(policies, needs: dict, reconstruction) -> None:
     raise ValueError(f"reconstruction must be a models.Reconstruction, got {type(reconstruction).__name__}")
 
 
+_capture_jit = jax.jit(_capture_for_compress, static_argnums=(0, 4, 5, 6))
+
+
+def observe_prompt(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array, *,
+                   window: int = 32) -> tuple[tuple[DenseKV, ...], tuple[jax.Array, ...]]:
+  """The prompt's dense cache and observation queries, per layer: what calibration reads (akv.bit_allocation).
+
+  Args:
+    tokens: i32[B, S] right-padded prompts; lengths: i32[B].
+    window: observation queries kept per layer: each row's last `window` prompt queries.
+
+  Returns:
+    (one DenseKV [B, K, S, H] per layer, one query block [B, N, window, H] per layer).
+  """
+  _check_tokens(config, tokens, lengths)
+  _check_capacity(config, tokens.shape[1])
+  if not 1 <= window <= tokens.shape[1]:
+    raise ValueError(f"window={window} must be in [1, S={tokens.shape[1]}]")
+  _, per_layer = _capture_jit(config, params, tokens, jnp.asarray(lengths, jnp.int32), window, False, False)
+  return tuple(kv for kv, *_ in per_layer), tuple(q for _, q, *_ in per_layer)
+
+
 def prefill_many(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Array,
                  policies: tuple[Policy, ...], *, reserve: int = 0,
                  reconstruction: Reconstruction | None = None) -> tuple[jax.Array, tuple]:

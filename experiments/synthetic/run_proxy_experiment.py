@@ -12,6 +12,8 @@ experiments/toy/sweep.py (the tiny trained model).
 Config fields (anything else is an error that names it):
   policy:         preset name to evaluate (required; see akv_jax.presets.names()).
   baseline:       preset name to compare against (default "full").
+  fit_named:      presets named for a ratio (hybrid_8x) meet it on the artifact's shape (their byte target;
+                  default true); false: their fixed keep (akv.presets.fixed), as --tiny runs them.
   artifact:       SyntheticConfig fields (seq_len, layers, batch, kv_heads, q_heads, head_dim, window,
                   test_queries, seed, and the structure knobs of experiments/synthetic/synthetic.py): generate
                   the artifact.
@@ -43,7 +45,7 @@ from experiments import config_files, result_files
 from experiments.synthetic import run_quality_benchmarks as rqb
 from experiments.synthetic import synthetic
 
-FIELDS = ("policy", "baseline", "artifact", "artifact_path", "out")
+FIELDS = ("policy", "baseline", "fit_named", "artifact", "artifact_path", "out")
 # Smallest artifact every preset accepts: S must hold the hybrid presets' 4 sinks + 128-token recent window at
 # keep=0.4, and W the SnapKV window of 32.
 TINY_ARTIFACT = dict(seq_len=512, layers=2, batch=2, kv_heads=2, q_heads=4, head_dim=64, window=32,
@@ -56,6 +58,7 @@ class ExperimentConfig:
 
   policy: str
   baseline: str
+  fit_named: bool   # presets named for a ratio meet it on the artifact; false: their fixed keep (--tiny)
   artifact: synthetic.SyntheticConfig | None
   artifact_path: str | None
   out: str
@@ -83,6 +86,9 @@ def resolve(raw: dict[str, Any], *, source: str = "config") -> ExperimentConfig:
     except ValueError as e:
       raise ValueError(f"config field {field}: {e}") from None
     names[field] = name
+  fit_named = raw.get("fit_named", True)
+  if not isinstance(fit_named, bool):
+    raise ValueError(f"config field fit_named must be true or false, got {fit_named!r}")
   artifact, path = raw.get("artifact"), raw.get("artifact_path")
   if artifact is not None and path is not None:
     raise ValueError(f"{source} gives both artifact and artifact_path={path!r}; keep one")
@@ -92,7 +98,7 @@ def resolve(raw: dict[str, Any], *, source: str = "config") -> ExperimentConfig:
     raise ValueError(f"config field artifact must be a mapping of {synthetic.field_names()}, got {artifact!r}")
   cfg = None if path is not None else synthetic.config_from_dict(artifact or {})
   out = raw.get("out") or f"out/synthetic_{names['policy']}"
-  return ExperimentConfig(policy=names["policy"], baseline=names["baseline"], artifact=cfg, artifact_path=path,
+  return ExperimentConfig(policy=names["policy"], baseline=names["baseline"], fit_named=fit_named, artifact=cfg, artifact_path=path,
                           out=str(out))
 
 
@@ -104,6 +110,7 @@ def load_config(path: str, *, sets: tuple[str, ...] = (), tiny: bool = False) ->
       raise ValueError(f"--tiny shrinks the generated artifact; {path} loads artifact_path="
                        f"{raw['artifact_path']!r} instead")
     raw["artifact"] = {**(raw.get("artifact") or {}), **TINY_ARTIFACT}
+    raw["fit_named"] = False   # no ratio target is reachable at the tiny artifact's length
   for assignment in sets:
     config_files.apply_set(raw, assignment)
   cfg = resolve(raw, source=path)
@@ -146,7 +153,8 @@ def run(cfg: ExperimentConfig, *, out: str | None = None, command: str = "", sho
   else:
     artifact = synthetic.generate(cfg.artifact)
   generated = time.perf_counter()
-  policies = [cfg.baseline] if cfg.baseline == cfg.policy else [cfg.baseline, cfg.policy]
+  preset = akv.presets.get if cfg.fit_named else akv.presets.fixed
+  policies = [preset(n) for n in ([cfg.baseline] if cfg.baseline == cfg.policy else [cfg.baseline, cfg.policy])]
   results = rqb.run(artifact, policies, artifact_path=cfg.artifact_path, show_progress=show_progress)
   results["config"] = cfg.to_dict()
   results["command"] = command

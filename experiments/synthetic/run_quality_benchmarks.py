@@ -98,12 +98,14 @@ def _check_fits(policy: akv.Policy, artifact: dict[str, Any]) -> None:
     raise ValueError(f"policy {policy.name!r} (selection={policy.selection!r}) needs a model (its rotary "
                      "frequencies or a model pass), which a synthetic artifact does not have; evaluate it on a "
                      "model (experiments/run_real.py)")
-  for layer in range(num_layers):
-    try:
+  try:
+    policy = akv.ratios.resolve_target(policy, akv.ratios.CacheShape(
+        s=s, num_layers=num_layers, kv_heads=artifact["k"].shape[2], head_dim=artifact["k"].shape[4]))
+    for layer in range(num_layers):
       policy.layout(s, layer, num_layers)
-    except ValueError as e:
-      raise ValueError(f"policy {policy.name!r} does not fit the artifact (S={s}, layer {layer} of "
-                       f"{num_layers}): {e}") from e
+  except ValueError as e:
+    raise ValueError(f"policy {policy.name!r} does not fit the artifact (S={s}, {num_layers} layers): "
+                     f"{e}") from e
 
 
 def evaluate_policy(artifact: dict[str, Any], policy: akv.Policy, *, progress: tqdm | None = None) -> dict:

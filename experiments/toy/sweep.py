@@ -15,6 +15,9 @@ model the fast tests use (experiments/toy/README.md).
 Config fields (anything else is an error naming it):
   policies        presets to evaluate (akv_jax.presets.names()); baseline: the preset they are compared with
                   (default full), evaluated once whether listed or not
+  fit_named       presets named for a ratio (hybrid_8x) meet it on the model at each length (their byte
+                  target); false: their fixed keep (akv.presets.fixed), as --tiny runs them: no ratio is reachable
+                  at a smoke run's length
   model           "default" (the shipped model, akv_jax/models/default) or a directory written by train_tiny.py;
                   --model_path instead runs a Hugging Face Llama checkpoint with its tokenizer, the tasks rendered
                   as text (experiments/model_eval.py: TextTasks)
@@ -57,6 +60,7 @@ CONFIG = pathlib.Path(__file__).resolve().with_name("sweep.yaml")
 class SweepConfig:
   policies: tuple[str, ...]
   baseline: str = "full"
+  fit_named: bool = True
   model: str = "default"
   dtype: str = "bfloat16"
   tasks: tuple[str, ...] = tuple(tasks.TASK_NAMES)
@@ -102,7 +106,7 @@ class SweepConfig:
     return [self.baseline] + [n for n in self.policies if n != self.baseline]
 
 
-TINY = dict(lengths=[256], samples=2, batch=7, speed_batches=[1, 2], speed_length=256, decode_steps=3, reps=1)
+TINY = dict(fit_named=False, lengths=[256], samples=2, batch=7, speed_batches=[1, 2], speed_length=256, decode_steps=3, reps=1)
 
 
 def load_config(path: str | pathlib.Path = CONFIG, *, sets: tuple[str, ...] = (), tiny: bool = False) -> SweepConfig:
@@ -131,7 +135,7 @@ def load_model(cfg: SweepConfig, model_path: str | None):
 
 def evaluate(cfg: SweepConfig, config, params, prompts, name: str, *, progress: bool, text=None) -> dict:
   """One policy's entry: accuracy and bytes on the prompts, speed, peak device memory and the seconds it took."""
-  policy = akv.presets.get(name)
+  policy = (akv.presets.get if cfg.fit_named else akv.presets.fixed)(name)
   start = time.perf_counter()
   entry = model_eval.accuracy(config, params, policy, prompts, progress=progress, text=text)
   entry["speed"] = model_eval.speed(config, params, policy, cfg.speed_batches, cfg.speed_length,

@@ -14,7 +14,7 @@ def test_readme_example_runs():
   exec(compile(match.group(1), str(README), "exec"), namespace)
   ckv, kv = namespace["ckv"], namespace["kv"]
   assert namespace["out"].shape == (2, 16, 64)
-  assert namespace["scores"].shape == (2, 4, 1024)
+  assert namespace["scores"].shape == (2, 4, 2048)
   assert namespace["akv"].compression_ratio(kv, ckv) > 2
 
 

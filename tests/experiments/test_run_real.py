@@ -101,7 +101,7 @@ def test_resolve_policy():
   assert fitted.name == "snapkv@6x" and 6 <= akv.ratios.measured_ratio(fitted, shape) <= 6.1
   named = real_eval.resolve_policy("hybrid_12x", shape, fit_named=True)
   assert named.name == "hybrid_12x" and 12 <= akv.ratios.measured_ratio(named, shape) <= 12.5
-  assert real_eval.resolve_policy("hybrid_12x", shape) == akv.presets.get("hybrid_12x")
+  assert real_eval.resolve_policy("hybrid_12x", shape) == akv.presets.fixed("hybrid_12x")
   assert real_eval.resolve_policy("kivi2", shape, fit_named=True) == akv.presets.get("kivi2")
   with pytest.raises(ValueError, match=r"'ax' is not a ratio"):
     real_eval.resolve_policy("snapkv@ax", shape)

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import yaml
 
+import akv_jax as akv
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 # experiments/ is not part of the installed package (scripts, not library): import it from the checkout, which
 # `python -m pytest` does on its own but a bare `pytest` does not.
@@ -250,10 +252,14 @@ def test_quality_benchmark_errors(artifact):
   short = {**artifact, "q_obs": artifact["q_obs"][:, :, :, -8:]}
   with pytest.raises(ValueError, match=r"policy 'snapkv' scores with window=32 .* holds W=8"):
     run_quality_benchmarks.run(short, ["full", "snapkv"], show_progress=False)
-  # hybrid_8x keeps 4 sinks + a 128-token recent window: S = 128 cannot hold them at its keep fraction.
+  # hybrid_8x keeps 4 sinks + a 128-token recent window: S = 128 cannot hold them at its fixed keep fraction,
+  # nor reach its 8x target.
   small = synthetic.generate(dataclasses.replace(TINY, seq_len=128, min_length_frac=1.0, layers=1))
   with pytest.raises(ValueError, match=r"policy 'hybrid_8x' does not fit the artifact \(S=128.*recent=128"):
-    run_quality_benchmarks.run(small, ["full", "hybrid_8x"], show_progress=False)
+    run_quality_benchmarks.run(small, ["full", akv.presets.fixed("hybrid_8x")], show_progress=False)
+  with pytest.raises(ValueError, match=r"policy 'hybrid_8x' does not fit the artifact \(S=512, 2 layers\): .*"
+                                       r"reaches at most [0-9.]+x .* short of the target 8x"):
+    run_quality_benchmarks.run(artifact, ["full", "hybrid_8x"], show_progress=False)
   with pytest.raises(ValueError, match=r"policy 'expected_attention' .* needs a model \(its rotary frequencies"):
     run_quality_benchmarks.run(artifact, ["expected_attention"], show_progress=False)
   with pytest.raises(ValueError, match=r"policy 'kvzip' .* needs a model \(its rotary frequencies or a model pass"):

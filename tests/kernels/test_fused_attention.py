@@ -15,7 +15,7 @@ B, K, N, H, S = 2, 2, 8, 64, 300
 
 def build(preset: str, steps: int, seed: int = 0):
   """A cache compressed from a ragged prefill, then `steps` appended tokens (KIVI patch, flushes)."""
-  pol = akv.presets.get(preset)
+  pol = akv.presets.fixed(preset)
   kv = testing.random_kv(seed, b=B, k=K, s=S, h=H, lengths=[S, 211], dtype=jnp.bfloat16)
   q_obs = testing.random_queries(seed + 1, b=B, n=N, t=32, h=H, dtype=jnp.bfloat16)
   ckv = akv.compress(kv, pol, queries=q_obs, layer=1, num_layers=4, reserve=steps + 1)

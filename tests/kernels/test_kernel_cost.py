@@ -177,12 +177,12 @@ def test_the_main_loop_of_a_dot_loop_is_counted_per_token():
 
 
 def test_kernel_report_writes_a_row_per_kernel_with_the_baseline(tmp_path):
-  result = kernel_report.main(["--out", str(tmp_path), "--seq", "1024", "--batch", "1", "--policies", "hybrid_8x"])
+  result = kernel_report.main(["--out", str(tmp_path), "--seq", "2048", "--batch", "1", "--policies", "hybrid_8x"])
   saved = json.loads((tmp_path / "report.json").read_text())
   assert [r["policy"] for r in saved["rows"]] == ["hybrid_8x", "jax_pallas_gqa"]
   ours, gqa = result["rows"]
   assert ours["name"] == "akv_decode_attention" and ours["main_loop_mix"]["instructions"] > 0
-  assert gqa["mma"] and gqa["tokens_per_step"] == 1024 // kernel_report.GQA_SPLITS
+  assert gqa["mma"] and gqa["tokens_per_step"] == 2048 // kernel_report.GQA_SPLITS
   assert saved["meta"]["toolchain"]["triton"] and "| hybrid_8x | akv_decode_attention |" in (
       tmp_path / "report.md").read_text()
 

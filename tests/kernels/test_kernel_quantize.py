@@ -375,7 +375,7 @@ def test_append_through_the_kernel_is_bit_identical(preset, monkeypatch):
 
   import akv_jax as akv  # noqa: PLC0415
   from akv_jax.testing import random_kv, random_queries  # noqa: PLC0415
-  pol = dataclasses.replace(akv.presets.get(preset), recent=32, key_group=16, value_group=16)
+  pol = dataclasses.replace(akv.presets.fixed(preset), recent=32, key_group=16, value_group=16)
   kv = random_kv(5, b=2, k=2, s=160, h=64, lengths=(160, 97), dtype=jnp.bfloat16)
   q_obs = random_queries(6, b=2, n=4, t=32, h=64)
   steps = jax.random.normal(jax.random.key(7), (40, 2, 2, 2, 64), jnp.bfloat16)   # [step, k/v, B, K, H]
@@ -397,7 +397,7 @@ def test_append_through_the_kernel_is_bit_identical(preset, monkeypatch):
 def test_append_implementation_errors():
   import akv_jax as akv  # noqa: PLC0415
   from akv_jax.testing import random_kv  # noqa: PLC0415
-  pol = akv.presets.get("kivi2")
+  pol = akv.presets.fixed("kivi2")
   ckv = akv.compress(random_kv(0, b=1, k=2, s=256, h=64), pol, reserve=8)
   k_t = jnp.zeros((1, 2, 64))
   with pytest.raises(ValueError, match="implementation='cuda' is not one of None, 'reference', 'xla', 'pallas'"):

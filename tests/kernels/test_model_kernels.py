@@ -24,7 +24,7 @@ def test_prefill_pallas_matches_xla(preset, monkeypatch):
   params = models.init_params(config, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 160), 0, 50)
   lengths = jnp.array([160, 97], jnp.int32)
-  pol = akv.presets.get(preset)
+  pol = akv.presets.fixed(preset)
   pol = dataclasses.replace(pol, recent=min(pol.recent, 32))   # guard bands that fit 160 tokens
   want_logits, want = models.prefill(config, params, tokens, lengths, pol, implementation="xla")
   # The kernel's votes replace SnapKV's and H2O's second attention pass: computing them from queries now fails.
@@ -46,10 +46,10 @@ def test_prefill_implementation_errors():
   params = models.init_params(config, jax.random.key(0))
   tokens, lengths = jnp.zeros((1, 8), jnp.int32), jnp.array([8], jnp.int32)
   with pytest.raises(ValueError, match="implementation='cudnn' is not one of None, 'reference', 'xla', 'pallas'"):
-    models.prefill(config, params, tokens, lengths, akv.presets.get("full"), implementation="cudnn")
+    models.prefill(config, params, tokens, lengths, akv.presets.fixed("full"), implementation="cudnn")
   if jax.default_backend() != "gpu":
     with pytest.raises(ValueError, match="implementation='pallas' needs a GPU"):
-      models.prefill(config, params, tokens, lengths, akv.presets.get("full"), implementation="pallas")
+      models.prefill(config, params, tokens, lengths, akv.presets.fixed("full"), implementation="pallas")
 
 
 @pytest.mark.parametrize("preset", ["kivi2", "hybrid_8x", "snapkv"])
@@ -60,7 +60,7 @@ def test_decode_step_pallas_matches_xla(preset):
   params = models.init_params(config, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 160), 0, 50)
   lengths = jnp.array([160, 97], jnp.int32)
-  pol = dataclasses.replace(akv.presets.get(preset), recent=32, key_group=16, value_group=16)
+  pol = dataclasses.replace(akv.presets.fixed(preset), recent=32, key_group=16, value_group=16)
   steps = np.asarray(jax.random.randint(jax.random.key(2), (24, 2), 0, 50))   # teacher-forced inputs
   logits = {}
   for impl in ("xla", "pallas"):
@@ -80,7 +80,7 @@ def test_generate_pallas_matches_xla():
   params = models.init_params(config, jax.random.key(3))
   tokens = jax.random.randint(jax.random.key(4), (2, 160), 0, 50)
   lengths = jnp.array([160, 120], jnp.int32)
-  pol = dataclasses.replace(akv.presets.get("hybrid_8x"), recent=32, key_group=16, value_group=16)
+  pol = dataclasses.replace(akv.presets.fixed("hybrid_8x"), recent=32, key_group=16, value_group=16)
   want, _, _ = models.generate(config, params, tokens, lengths, pol, 8, implementation="xla")
   got, _, _ = models.generate(config, params, tokens, lengths, pol, 8, implementation="pallas", interpret=INTERPRET)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -91,7 +91,7 @@ def test_decode_implementation_errors():
                               num_kv_heads=1, max_seq_len=64)
   params = models.init_params(config, jax.random.key(0))
   tokens, lengths = jnp.zeros((1, 16), jnp.int32), jnp.array([16], jnp.int32)
-  pol = dataclasses.replace(akv.presets.get("kivi2"), recent=8, key_group=8, value_group=8)
+  pol = dataclasses.replace(akv.presets.fixed("kivi2"), recent=8, key_group=8, value_group=8)
   _, cache = models.prefill(config, params, tokens, lengths, pol, reserve=4)
   # "reference" means the same in decode_step as in attend and quantize: the plain definitions.
   copy = jax.tree_util.tree_map(jnp.copy, cache)   # decode_step donates its cache

@@ -14,7 +14,7 @@ B, K, N, H, S = 2, 2, 8, 64, 256
 
 
 def cache(preset, steps=0):
-  pol = akv.presets.get(preset)
+  pol = akv.presets.fixed(preset)
   kv = testing.random_kv(0, b=B, k=K, s=S, h=H, lengths=[S, 190], dtype=jnp.bfloat16)
   q_obs = testing.random_queries(1, b=B, n=N, t=32, h=H, dtype=jnp.bfloat16)
   ckv = akv.compress(kv, pol, queries=q_obs, reserve=40)

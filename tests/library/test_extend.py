@@ -17,7 +17,7 @@ LENGTHS = (160, 97)
 
 
 def _small(name):
-  pol = akv.presets.get(name)
+  pol = akv.presets.fixed(name)
   return dataclasses.replace(pol, recent=min(pol.recent, 32), key_group=16, value_group=16)
 
 

@@ -18,7 +18,7 @@ LENGTHS = (160, 97)
 
 def _small(name, **overrides):
   """A preset with guard bands shrunk to fit S = 160."""
-  pol = akv.presets.get(name)
+  pol = akv.presets.fixed(name)
   small = dict(recent=min(pol.recent, 32), key_group=16, value_group=16)
   return dataclasses.replace(pol, **{**small, **overrides})
 
@@ -31,7 +31,7 @@ def _inputs(seed=0, dtype=jnp.float32, lengths=LENGTHS):
 
 def test_full_policy_reproduces_dense_attention():
   kv, q_obs, q = _inputs()
-  ckv = akv.compress(kv, akv.presets.get("full"), queries=q_obs)
+  ckv = akv.compress(kv, akv.presets.fixed("full"), queries=q_obs)
   out = akv.attend(q, ckv)
   np.testing.assert_allclose(out, akv.dense_attention(q, kv.k, kv.v, kv.lengths), rtol=1e-5, atol=1e-6)
   dense = akv.decompress(ckv)
@@ -43,7 +43,7 @@ def test_full_policy_reproduces_dense_attention():
 
 def test_full_policy_multi_token_queries_are_causal():
   kv, q_obs, _ = _inputs()
-  ckv = akv.compress(kv, akv.presets.get("full"))
+  ckv = akv.compress(kv, akv.presets.fixed("full"))
   q = random_queries(5, b=B, n=N, t=3, h=H)
   out = akv.attend(q, ckv)
   for t in range(3):
@@ -159,7 +159,7 @@ def test_decode_keys_quantized_in_whole_groups():
 def test_decode_attention_tracks_dense_attention():
   """Decoding with the full policy gives dense attention over the prompt plus the decoded tokens."""
   kv = random_kv(6, b=B, k=K, s=200, h=H)
-  pol = akv.presets.get("full")
+  pol = akv.presets.fixed("full")
   start = jnp.array([120, 90])
   ckv = akv.compress(dataclasses.replace(kv, lengths=start), pol, reserve=80)
   q = random_queries(7, b=B, n=N, t=None, h=H)
@@ -306,7 +306,7 @@ def test_layer_stats_under_jit():
   assert 0.0 < float(stats["attention_retained"]) <= 1.0
   assert 0.0 < float(stats["guard_mass"]) <= float(stats["attention_retained"])
   assert 0.0 < float(stats["key_rel_error"]) < 1.0
-  full = akv.compress(kv, akv.presets.get("full"))
+  full = akv.compress(kv, akv.presets.fixed("full"))
   fstats = akv.layer_stats(kv, full, q_test)
   np.testing.assert_allclose(fstats["attention_retained"], 1.0, rtol=1e-6)
   assert float(fstats["key_rel_error"]) == 0.0

@@ -1,4 +1,5 @@
-"""Presets: each N-x preset measures 0.97N..1.15N from the arrays it holds, at S = 8192 and 32768; fitted to
+"""Presets: an N-x preset is a byte target that compress meets on any shape (tests/library/test_targets.py), and its
+fixed-keep form (`with_target(None)`) measures 0.97N..1.15N from the arrays it holds at S = 8192 and 32768; fitted to
 another model's shape (akv.ratios), a preset measures its target there."""
 
 import dataclasses
@@ -25,7 +26,7 @@ def test_shape_bytes_equal_held_bytes():
   q = random_queries(1, b=2, n=8, t=32, h=64, dtype=jnp.bfloat16)
   inv_freq = jnp.ones(32)   # read only by Expected Attention
   for name in akv.presets.names():
-    pol = akv.presets.get(name)
+    pol = akv.presets.get(name).with_target(None)   # the ratio presets' targets are out of reach at S = 512
     # KVzip reads the votes of a model pass instead of queries; any votes of the right shape give its layout.
     obs = (dict(votes=jnp.abs(kv.k[..., 0]).astype(jnp.float32)) if pol.needs(512).reconstruction is not None
            else dict(queries=q))
@@ -38,8 +39,25 @@ def test_shape_bytes_equal_held_bytes():
 @pytest.mark.parametrize("name, target", [("hybrid_5x", 5), ("hybrid_8x", 8), ("hybrid_12x", 12)])
 @pytest.mark.parametrize("s", [8192, 32768])
 def test_named_ratio(name, target, s):
-  ratio = 2 * 2 * B * K * s * H * L / _held_bytes(akv.presets.get(name), s)
-  assert 0.97 * target <= ratio <= 1.15 * target, f"{name} at S={s}: {ratio:.2f}x"
+  preset = akv.presets.get(name)
+  assert preset.budget.target == target
+  dense = 2 * 2 * B * K * s * H * L
+  assert abs(dense / _held_bytes(preset, s) / target - 1) <= akv.ratios.TARGET_TOLERANCE
+  ratio = dense / _held_bytes(preset.with_target(None), s)
+  assert 0.97 * target <= ratio <= 1.15 * target, f"{name}'s fixed keep at S={s}: {ratio:.2f}x"
+
+
+def test_named_ratio_out_of_reach_is_an_error():
+  """A shape whose guard bands alone hold more than the name allows: an error naming the reachable ratio, and
+  the fixed-keep form still compresses."""
+  kv = random_kv(0, b=1, k=2, s=256, h=64, dtype=jnp.bfloat16)
+  q = random_queries(1, b=1, n=4, t=32, h=64, dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"policy 'hybrid_8x' reaches at most 1\.\d+x on CacheShape\(s=256, "
+                                       r"num_layers=4.* short of the target 8x"):
+    akv.compress(kv, akv.presets.get("hybrid_8x"), queries=q, layer=1, num_layers=4)
+  akv.compress(kv, akv.presets.get("hybrid_8x").with_target(None), queries=q, layer=1, num_layers=4)
+  with pytest.raises(ValueError, match=r"'hybrid_8x' has target=8x, which compress resolves for the cache's shape"):
+    akv.presets.get("hybrid_8x").layout(4096, 0, 30)
 
 
 def test_every_preset_is_a_hashable_policy():

@@ -17,7 +17,7 @@ B, K, N, S, H = 2, 2, 4, 256, 64
 
 
 def _pol(name, **kw):
-  pol = akv.presets.get(name)
+  pol = akv.presets.fixed(name)
   if pol.scorer is not None or pol.quantized:
     pol = dataclasses.replace(pol, recent=32, key_group=16, value_group=16)
   return dataclasses.replace(pol, **kw)

@@ -195,7 +195,7 @@ def test_a_new_scorer_through_the_registry_runs_end_to_end(registered_toy):
 def test_policy_to_dict_names_every_part():
   d = akv.presets.get("hybrid_12x").to_dict()
   assert d["scorer"]["name"] == "snapkv"
-  assert d["budget"] == dict(name="adakv", keep=0.355, target=None, alpha=0.2, cap=3.0)
+  assert d["budget"] == dict(name="adakv", keep=0.355, target=12, alpha=0.2, cap=3.0)
   assert d["rotation"] is None
   assert d["keys"] == dict(bits=2, group=32, axis="channel") and d["decode"] == dict(name="kivi_residual")
   assert d["guards"]["layers"] == (0,) and d["guards"]["bits"] == 4

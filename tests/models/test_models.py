@@ -33,13 +33,13 @@ def tokens():
 
 
 def _small(name):
-  pol = akv.presets.get(name)
+  pol = akv.presets.fixed(name)
   return dataclasses.replace(pol, recent=min(pol.recent, 32), key_group=16, value_group=16)
 
 
 def test_cached_decoding_equals_full_forward(params, tokens):
   lengths = jnp.array([S, 101])
-  pol = akv.presets.get("full")
+  pol = akv.presets.fixed("full")
   logits, cache = models.prefill(CFG, params, tokens[:, :S], lengths, pol, reserve=NEW)
   full = models.forward(CFG, params, tokens)
   np.testing.assert_allclose(logits, full[jnp.arange(2), lengths - 1], rtol=1e-5, atol=1e-5)
@@ -61,7 +61,7 @@ def _greedy_reference(params, prompt, steps):
 
 def test_full_policy_generate_equals_uncompressed_greedy(params, tokens):
   lengths = jnp.array([S, 77])
-  out, count, _ = models.generate(CFG, params, tokens[:, :S], lengths, akv.presets.get("full"), NEW)
+  out, count, _ = models.generate(CFG, params, tokens[:, :S], lengths, akv.presets.fixed("full"), NEW)
   np.testing.assert_array_equal(count, NEW)
   for row in range(2):
     ref = _greedy_reference(params, tokens[row, :int(lengths[row])], NEW)
@@ -81,15 +81,15 @@ def test_ragged_batch_equals_rows_alone(params, tokens, name):
 
 def test_stop_tokens_and_sampling(params, tokens):
   lengths = jnp.array([S, 90])
-  greedy, _, _ = models.generate(CFG, params, tokens[:, :S], lengths, akv.presets.get("full"), NEW)
+  greedy, _, _ = models.generate(CFG, params, tokens[:, :S], lengths, akv.presets.fixed("full"), NEW)
   stop = int(greedy[0, 3])
-  out, count, _ = models.generate(CFG, params, tokens[:, :S], lengths, akv.presets.get("full"), NEW,
+  out, count, _ = models.generate(CFG, params, tokens[:, :S], lengths, akv.presets.fixed("full"), NEW,
                                   stop_tokens=(stop,))
   first = int(np.argmax(np.asarray(greedy[0]) == stop))
   assert int(count[0]) == first + 1 and np.all(np.asarray(out[0, first + 1:]) == 0)
-  a, _, _ = models.generate(CFG, params, tokens[:, :S], lengths, akv.presets.get("full"), NEW, temperature=1.0,
+  a, _, _ = models.generate(CFG, params, tokens[:, :S], lengths, akv.presets.fixed("full"), NEW, temperature=1.0,
                             top_k=5, key=jax.random.key(3))
-  b, _, _ = models.generate(CFG, params, tokens[:, :S], lengths, akv.presets.get("full"), NEW, temperature=1.0,
+  b, _, _ = models.generate(CFG, params, tokens[:, :S], lengths, akv.presets.fixed("full"), NEW, temperature=1.0,
                             top_k=5, key=jax.random.key(3))
   np.testing.assert_array_equal(a, b)
   assert int(jnp.max(a)) < CFG.vocab_size
@@ -105,7 +105,7 @@ def test_decode_step_compiles_once(params, tokens):
 
 
 def test_bad_input(params, tokens):
-  pol = akv.presets.get("full")
+  pol = akv.presets.fixed("full")
   with pytest.raises(ValueError, match="token id 89 is out of the vocabulary"):
     models.forward(CFG, params, tokens.at[0, 3].set(89))
   with pytest.raises(ValueError, match="token id -1 is out of the vocabulary"):
@@ -140,7 +140,7 @@ def test_full_policy_extend_equals_full_forward(params, tokens):
   """A context prefilled, then a ragged chunk extended on top: logits at every real chunk position equal the
   uncompressed forward pass of context + chunk."""
   lengths, counts, t = jnp.array([S, 101]), jnp.array([NEW, 5]), NEW
-  pol = akv.presets.get("full")
+  pol = akv.presets.fixed("full")
   _, cache = models.prefill(CFG, params, tokens[:, :S], lengths, pol, reserve=t)
   chunk = tokens[jnp.arange(2)[:, None], lengths[:, None] + jnp.arange(t)[None, :]]
   logits, cache = models.extend(CFG, params, cache, chunk, pol, counts=counts)
@@ -214,7 +214,7 @@ def test_bf16_kv_cache_of_an_f32_model(params, tokens):
   """kv_dtype rounds K/V once, where they are made: the cache holds bf16 and prefill attends to the same values."""
   cfg = dataclasses.replace(CFG, kv_dtype="bfloat16")
   lengths = jnp.array([S, 90])
-  pol = akv.presets.get("full")
+  pol = akv.presets.fixed("full")
   logits, cache = models.prefill(cfg, params, tokens[:, :S], lengths, pol, reserve=NEW)
   _, cache32 = models.prefill(CFG, params, tokens[:, :S], lengths, pol, reserve=NEW)
   assert cache[0].recent_k.dtype == jnp.bfloat16 and cache32[0].recent_k.dtype == jnp.float32
@@ -228,7 +228,7 @@ def test_bf16_kv_cache_of_an_f32_model(params, tokens):
 
 
 def test_extend_and_suffix_errors(params, tokens):
-  pol = akv.presets.get("full")
+  pol = akv.presets.fixed("full")
   lengths = jnp.array([S, S])
   with pytest.raises(ValueError, match="suffix needs suffix_lengths"):
     models.generate(CFG, params, tokens[:, :S], lengths, pol, 2, suffix=tokens[:, :4])
@@ -288,7 +288,7 @@ SHARDED = textwrap.dedent("""
     params = models.init_params(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (4, 140), 1, 89)
     lengths = jnp.array([128, 100, 77, 128])
-    pol = dataclasses.replace(akv.presets.get("{name}"), recent=16, window=16, key_group=16, value_group=16)
+    pol = dataclasses.replace(akv.presets.fixed("{name}"), recent=16, window=16, key_group=16, value_group=16)
     ref_logits, ref_cache = models.prefill(cfg, params, tokens[:, :128], lengths, pol, reserve=8)
     ref_step, _ = models.decode_step(cfg, params, ref_cache, tokens[:, 130], pol)
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
@@ -322,8 +322,24 @@ def test_prefill_kernel_request_for_a_head_dim_it_cannot_take():
   toks = jnp.ones((1, 8), jnp.int32)
   with pytest.raises(ValueError, match=r"prefill\(implementation='pallas'\): the flash kernel needs a power-of-2 "
                                        r"head dim >= 16, got 24"):
-    models.prefill(cfg, p, toks, jnp.array([8]), akv.presets.get("full"), implementation="pallas", interpret=True)
+    models.prefill(cfg, p, toks, jnp.array([8]), akv.presets.fixed("full"), implementation="pallas", interpret=True)
   with pytest.raises(ValueError, match="implementation='pallas' needs a GPU"):
-    models.prefill(cfg, p, toks, jnp.array([8]), akv.presets.get("full"), implementation="pallas")
-  logits, _ = models.prefill(cfg, p, toks, jnp.array([8]), akv.presets.get("full"))   # None: the XLA path here
+    models.prefill(cfg, p, toks, jnp.array([8]), akv.presets.fixed("full"), implementation="pallas")
+  logits, _ = models.prefill(cfg, p, toks, jnp.array([8]), akv.presets.fixed("full"))   # None: the XLA path here
   assert logits.shape == (1, cfg.vocab_size)
+
+
+def test_observe_prompt_gives_the_cache_and_queries_compress_reads(params, tokens):
+  """observe_prompt's per-layer DenseKV is the cache the full policy keeps, and SnapKV compressing it with the
+  returned queries holds what prefill's SnapKV holds (the same pass, the same observation window)."""
+  lengths = jnp.array([S, S - 37], jnp.int32)
+  kvs, qs = models.observe_prompt(CFG, params, tokens[:, :S], lengths, window=16)
+  assert len(kvs) == len(qs) == CFG.num_layers and qs[0].shape == (2, CFG.num_heads, 16, 16)
+  np.testing.assert_array_equal(kvs[0].lengths, lengths)
+  snap = dataclasses.replace(akv.presets.get("snapkv"), window=16, recent=16)
+  _, cache = models.prefill(CFG, params, tokens[:, :S], lengths, snap)
+  for layer, (kv, q) in enumerate(zip(kvs, qs)):
+    ours = akv.compress(kv, snap, queries=q, layer=layer, num_layers=CFG.num_layers)
+    np.testing.assert_array_equal(akv.decompress(ours).positions, akv.decompress(cache[layer]).positions)
+  with pytest.raises(ValueError, match=r"window=0 must be in \[1, S=160\]"):
+    models.observe_prompt(CFG, params, tokens[:, :S], lengths, window=0)

@@ -39,8 +39,9 @@ PRESETS = ("full", "streaming", "snapkv", "pyramidkv", "adakv", "h2o", "tova", "
 
 
 def _tune(policy: akv.Policy) -> akv.Policy:
-  """A preset scaled to S=192: the same recipe with guard bands and groups that fit."""
-  return dataclasses.replace(policy, recent=min(policy.recent, 48), key_group=16, value_group=16)
+  """A preset scaled to S=192: the same recipe (a ratio preset at its fixed keep: no byte target is reachable
+  at S=192) with guard bands and groups that fit."""
+  return dataclasses.replace(policy.with_target(None), recent=min(policy.recent, 48), key_group=16, value_group=16)
 
 
 def _leaves(prefix: str, tree) -> dict[str, np.ndarray]:
