@@ -26,7 +26,7 @@ run: setup
 # kernels, models, experiments.
 KERNEL_TESTS := tests/kernels
 REAL_TESTS := tests/models/test_gguf.py tests/models/test_text_tasks.py tests/experiments/test_run_real.py \
-  tests/experiments/test_bench_real_speed.py tests/experiments/test_bench_peers.py
+  tests/experiments/test_bench_real_speed.py tests/experiments/test_bench_peers.py tests/experiments/test_bits_smollm2.py
 MODEL_TESTS := tests/models/test_models.py tests/library/test_extend.py
 test: setup
 	$(PY) -m pytest $(KERNEL_TESTS)
