@@ -90,7 +90,8 @@ def test_plan_gives_the_sensitive_layer_more_bits_and_holds_what_it_promises():
 
 def test_plan_composes_with_selection():
   kvs, qs = _layers()
-  snap = dataclasses.replace(akv.presets.fixed("hybrid_8x"), recent=16, window=16, key_group=16, value_group=16)
+  snap = dataclasses.replace(akv.presets.fixed("hybrid_8x"), budget="uniform", keep=0.55, recent=16, window=16,
+                             key_group=16, value_group=16)
   plan = ba.plan_bits(snap, kvs, qs, target=3, widths=(2, 4, 8))   # S = 256: 3.5x at 2 bits everywhere
   assert plan.ratio >= 3 and plan.policy.selection == "snapkv" and plan.widths[2] > 2 and 2 in plan.widths
 

@@ -39,11 +39,11 @@ def test_shape_bytes_equal_held_bytes():
 @pytest.mark.parametrize("name, target", [("hybrid_5x", 5), ("hybrid_8x", 8), ("hybrid_12x", 12)])
 @pytest.mark.parametrize("s", [8192, 32768])
 def test_named_ratio(name, target, s):
+  """The name is the target (which tests/library/test_targets.py checks on five shapes); the fixed keep gives
+  about the named ratio on the shape it was calibrated on."""
   preset = akv.presets.get(name)
   assert preset.budget.target == target
-  dense = 2 * 2 * B * K * s * H * L
-  assert abs(dense / _held_bytes(preset, s) / target - 1) <= akv.ratios.TARGET_TOLERANCE
-  ratio = dense / _held_bytes(preset.with_target(None), s)
+  ratio = 2 * 2 * B * K * s * H * L / _held_bytes(preset.with_target(None), s)
   assert 0.97 * target <= ratio <= 1.15 * target, f"{name}'s fixed keep at S={s}: {ratio:.2f}x"
 
 
