@@ -22,14 +22,15 @@ from akv_jax import body as _body
 from akv_jax import validation
 from akv_jax.cache import CompressedKV, QuantizedTensor
 from akv_jax.quant import dequantize
+from pallas_kernels import quant_reference as _quant_ref
 
 _MASKED = -1e30
 
 
 def _sub_blocks(codes: jax.Array, bits: int) -> list[jax.Array]:
-  """u8[..., H*bits/8] -> the 8/bits sub-blocks f32[..., H*bits/8], sub-block i = head dims [i H/n, (i+1) H/n)."""
-  c = codes.astype(jnp.int32)
-  return [((c >> (i * bits)) & ((1 << bits) - 1)).astype(jnp.float32) for i in range(8 // bits)]
+  """u8[..., H*bits/8] -> the n sub-blocks f32[..., H/n], sub-block i = head dims [i H/n, (i+1) H/n)
+  (quant_reference.sub_blocks: n = 8 / bits, or 8 for 3-bit codes)."""
+  return [c.astype(jnp.float32) for c in _quant_ref.sub_blocks(codes, bits)]
 
 
 def _dot(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -104,7 +105,7 @@ def _mix(p: jax.Array, v, start, c: int, _slice=_slice) -> jax.Array:
   scale = _slice(v.scale, start, c).astype(jnp.float32)                  # [B, K, c, H/gv]
   zero = _slice(v.zero, start, c).astype(jnp.float32)
   subs = _sub_blocks(_slice(v.codes, start, c), v.bits)
-  w = v.codes.shape[-1]
+  w = v.shape[-1] // len(subs)
   outs = []
   for i, ci in enumerate(subs):
     if w >= gv:   # this sub-block spans w / gv whole scale columns

@@ -45,6 +45,10 @@ def check_supported(q: jax.Array, ckv: CompressedKV, return_probs: bool) -> None
   if return_probs:
     raise ValueError("the kernel does not return per-slot probabilities (H2O); use implementation='reference' "
                      "with return_probs=True")
+  for name, t in (("keys", ckv.body_k), ("values", ckv.body_v)):
+    if isinstance(t, QuantizedTensor) and t.bits == 3:
+      raise ValueError(f"the Pallas kernel reads 2-, 4- and 8-bit codes, not the two planes of 3-bit {name}; "
+                       "use implementation='xla' (or None, which picks it)")
   body_format(ckv)
   h = ckv.head_dim
   for name, t in (("keys", ckv.body_k), ("values", ckv.body_v)):

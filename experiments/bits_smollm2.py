@@ -4,12 +4,12 @@
     python experiments/bits_smollm2.py --tiny --out /tmp/bits.json      # random 2-layer model, seconds
 
 akv.bit_allocation.plan_bits calibrates on one play's first `length` tokens (a play that is not evaluated): every
-layer compressed at 2, 4 and 8 bits, the attention-output error of its last 32 prompt queries and the bytes held.
-Two recipes, each at one byte budget:
-  kivi   KIVI storage of every token (kivi2's groups and 128-token bf16 window) at `kivi_target` x, between
-         kivi4's and kivi2's ratios: the plan against `kivi_by_index` (the first layers at 4 bits, the rest at 2,
-         as many at 4 bits as the same budget holds: a split that knows nothing of the layers) and against
-         kivi2 and kivi4;
+layer compressed at each of `widths` (2, 3, 4 and 8 bits), the attention-output error of its last 32 prompt
+queries and the bytes held. Two recipes, each at one byte budget:
+  kivi   KIVI storage of every token (kivi2's groups and 128-token bf16 window) at kivi3's measured ratio (or
+         `kivi_target` x): the plan against uniform kivi3 at the same bytes, against `kivi_by_index` (the first
+         layers at 4 bits, the rest at 2, as many at 4 bits as the same budget holds: a split that knows nothing
+         of the layers) and against kivi2 and kivi4;
   hybrid hybrid_8x's selection at the keep its 8x target solves on this model, bits planned at 8x, against
          hybrid_8x itself (layer 0 at 4 bits by rule, the rest at 2).
 Each is measured by the continuation NLL of `plays` after `length` tokens (experiments/real_eval.continuation:
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--length", type=int, default=4096)
   parser.add_argument("--calibration_play", default="othello")
   parser.add_argument("--plays", default="hamlet,macbeth,the-tempest")
-  parser.add_argument("--kivi_target", type=float, default=3.3)
+  parser.add_argument("--kivi_target", type=float, default=None, help="default: kivi3's measured ratio")
+  parser.add_argument("--widths", default="2,3,4,8", help="candidate bits per layer")
   parser.add_argument("--tokens", type=int, default=512, help="continuation tokens")
   parser.add_argument("--tiny", action="store_true", help="random 2-layer model at 512 tokens (a smoke run)")
   parser.add_argument("--no_progress", action="store_true")
@@ -69,21 +70,23 @@ def main(argv: list[str] | None = None) -> dict:
   start = time.perf_counter()
   model = real_eval.load_smollm2()
   length, tokens, plays = args.length, args.tokens, args.plays.split(",")
-  kivi_target, hybrid_target = args.kivi_target, 8.0
-  if args.tiny:   # 512 tokens: a 128-token bf16 window leaves room for neither ratio, so both are scaled down
+  widths = tuple(int(w) for w in args.widths.split(","))
+  hybrid_target = 8.0
+  if args.tiny:   # 512 tokens: a 128-token bf16 window leaves no room for 8x
     model, length, tokens, plays = real_eval.random_model(model), 512, 16, plays[:1]
-    kivi_target, hybrid_target = 1.8, 1.6
+    hybrid_target = 1.6
+  kivi2, kivi3 = akv.presets.get("kivi2"), akv.presets.get("kivi3")
+  kivi_target = args.kivi_target or akv.ratios.measured_ratio(kivi3, real_eval.cache_shape(model, length))
   kvs, qs = calibrate(model, args.calibration_play, length)
-  kivi2 = akv.presets.get("kivi2")
-  kivi_plan = akv.bit_allocation.plan_bits(kivi2, kvs, qs, target=kivi_target)
+  kivi_plan = akv.bit_allocation.plan_bits(kivi2, kvs, qs, target=kivi_target, widths=widths)
   hybrid = (akv.presets.fixed("hybrid_8x") if args.tiny else
             akv.ratios.resolve_target(akv.presets.get("hybrid_8x"), real_eval.cache_shape(model, length)))
-  hybrid_plan = akv.bit_allocation.plan_bits(hybrid, kvs, qs, target=hybrid_target)
-  policies = [akv.presets.get("full"), kivi2, akv.presets.get("kivi4"),
-              dataclasses.replace(kivi_plan.policy, name=f"kivi_planned@{kivi_target}x"),
-              by_index(kivi_plan, f"kivi_by_index@{kivi_target}x"),
+  hybrid_plan = akv.bit_allocation.plan_bits(hybrid, kvs, qs, target=hybrid_target, widths=widths)
+  policies = [akv.presets.get("full"), kivi2, kivi3, akv.presets.get("kivi4"),
+              dataclasses.replace(kivi_plan.policy, name=f"kivi_planned@{kivi_target:.2f}x"),
+              by_index(kivi_plan, f"kivi_by_index@{kivi_target:.2f}x"),
               dataclasses.replace(hybrid, name="hybrid_8x"),
-              dataclasses.replace(hybrid_plan.policy, name=f"hybrid_planned@{hybrid_target}x")]
+              dataclasses.replace(hybrid_plan.policy, name=f"hybrid_planned@{hybrid_target:g}x")]
   for p in policies:
     print(f"{p.name:24s} layer_bits={p.layer_bits}", flush=True)
   cont = real_eval.continuation(model, policies, plays, length, tokens, progress=not args.no_progress)

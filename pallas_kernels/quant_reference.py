@@ -22,6 +22,7 @@ Grouping: axis="channel" groups `group` consecutive tokens of one channel (KIVI 
 H]); axis="token" groups `group` consecutive channels of one token (KIVI values: [..., S, H / group]).
 Packing along H: with n = 8 / bits codes per byte, byte j of a row holds head dims j, j + H/n, ..., j + (n-1) H/n,
 head dim i * H/n + j in bits [i * bits, (i + 1) * bits), so each unpacked sub-block is a contiguous head-dim range.
+3-bit codes are a 2-bit plane and a 1-bit plane in that layout, side by side (`pack`, `sub_blocks`).
 """
 
 from __future__ import annotations
@@ -30,21 +31,27 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-SUPPORTED_BITS = (2, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)
 AXES = ("channel", "token")
 SCALE_DTYPE = jnp.float16
 _F16_MAG = 0x7FFF
 
 
-def codes_per_byte(bits: int) -> int:
+def _check_bits(bits: int) -> None:
   if bits not in SUPPORTED_BITS:
     raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
+
+
+def codes_per_byte(bits: int) -> int:
+  """Codes one byte holds for the byte-aligned widths (2, 4, 8); 3-bit codes are two planes (`pack`)."""
+  _check_bits(bits)
+  if 8 % bits:
+    raise ValueError(f"{bits}-bit codes are not byte-aligned: they are packed as a 2-bit and a 1-bit plane")
   return 8 // bits
 
 
-def pack(codes: jax.Array, bits: int) -> jax.Array:
-  """Packs codes u8[..., H] (each < 2^bits) into u8[..., H * bits / 8], sub-block i in bits [i*bits, (i+1)*bits)."""
-  n = codes_per_byte(bits)
+def _pack_plane(codes: jax.Array, bits: int) -> jax.Array:
+  n = 8 // bits
   h = codes.shape[-1]
   if h % n:
     raise ValueError(f"last axis {h} must be a multiple of {n} to pack {bits}-bit codes")
@@ -54,13 +61,51 @@ def pack(codes: jax.Array, bits: int) -> jax.Array:
   return jnp.sum(blocks << shifts, axis=-2, dtype=jnp.uint8)
 
 
-def unpack(packed: jax.Array, bits: int) -> jax.Array:
-  """Inverse of `pack`: u8[..., H * bits / 8] -> u8[..., H]."""
-  n = codes_per_byte(bits)
+def _unpack_plane(packed: jax.Array, bits: int) -> jax.Array:
+  n = 8 // bits
   shifts = (jnp.arange(n, dtype=jnp.uint8) * bits)[:, None]
   mask = jnp.uint8((1 << bits) - 1)
   blocks = (packed[..., None, :] >> shifts) & mask
   return blocks.reshape(*packed.shape[:-1], n * packed.shape[-1])
+
+
+def pack(codes: jax.Array, bits: int) -> jax.Array:
+  """Packs codes u8[..., H] (each < 2^bits) into u8[..., H * bits / 8], sub-block i in bits [i*bits, (i+1)*bits).
+
+  3-bit codes (H a multiple of 8) are two planes side by side: the low two bits packed as 2-bit codes
+  (H/4 bytes), then the high bit packed as 1-bit codes (H/8 bytes), 3H/8 bytes in all; `sub_blocks` reads them
+  as 8 contiguous head-dim ranges of H/8, each from one byte range of each plane.
+  """
+  _check_bits(bits)
+  if bits != 3:
+    return _pack_plane(codes, bits)
+  if codes.shape[-1] % 8:
+    raise ValueError(f"last axis {codes.shape[-1]} must be a multiple of 8 to pack 3-bit codes")
+  codes = codes.astype(jnp.uint8)
+  return jnp.concatenate([_pack_plane(codes & 3, 2), _pack_plane(codes >> 2, 1)], axis=-1)
+
+
+def unpack(packed: jax.Array, bits: int) -> jax.Array:
+  """Inverse of `pack`: u8[..., H * bits / 8] -> u8[..., H]."""
+  _check_bits(bits)
+  if bits != 3:
+    return _unpack_plane(packed, bits)
+  w = packed.shape[-1] // 3          # H/8
+  return _unpack_plane(packed[..., :2 * w], 2) | (_unpack_plane(packed[..., 2 * w:], 1) << 2)
+
+
+def sub_blocks(packed: jax.Array, bits: int) -> list[jax.Array]:
+  """The codes of packed u8[..., H * bits / 8] as int32 sub-blocks, each a contiguous head-dim range of equal
+  width, in order: 8 / bits blocks of H * bits / 8 for 2, 4 and 8 bits (one shift and mask each), 8 blocks of H/8
+  for 3 bits (block m: its low bits from byte range m % 2 of the 2-bit plane at shift 2 (m // 2), its high bit
+  from the 1-bit plane at shift m). What the chunked attention and the kernels unpack in place."""
+  _check_bits(bits)
+  c = packed.astype(jnp.int32)
+  if bits != 3:
+    return [(c >> (i * bits)) & ((1 << bits) - 1) for i in range(8 // bits)]
+  w = c.shape[-1] // 3
+  low, high = (c[..., :w], c[..., w:2 * w]), c[..., 2 * w:]
+  return [((low[m % 2] >> (2 * (m // 2))) & 3) | (((high >> m) & 1) << 2) for m in range(8)]
 
 
 def group_view(x: jax.Array, group: int, axis: str) -> tuple[jax.Array, int]:
@@ -124,7 +169,7 @@ def _round_toward(x16: jax.Array, target: jax.Array, direction: float) -> jax.Ar
 def quantize(x: jax.Array, valid: jax.Array | None, *, bits: int, group: int, axis: str):
   """x [..., S, H] (any float; computed in f32), valid bool[..., S] or None (all valid) ->
   (packed codes u8[..., S, H * bits / 8], scale f16, zero f16), shapes as in the module docstring."""
-  codes_per_byte(bits)
+  _check_bits(bits)
   g, red = group_view(x.astype(jnp.float32), group, axis)
   valid = jnp.ones(x.shape[:-1], bool) if valid is None else valid
   gv, _ = group_view(jnp.broadcast_to(valid[..., None], x.shape), group, axis)

@@ -54,6 +54,7 @@ from pallas_kernels.quant_reference import AXES, SUPPORTED_BITS, f16_bits, recip
 # Rows of x per program when the caller does not say: 64 x H elements keeps a tile within the registers of 4
 # warps for H <= 128.
 DEFAULT_BLOCK_TOKENS = 64
+KERNEL_BITS = (2, 4, 8)   # byte-aligned widths; 3-bit planes are not written by this kernel yet
 _F16_SIGN = 0x8000
 _F16_MAG = 0x7FFF
 
@@ -88,6 +89,9 @@ def _check_common(x_shape, x_dtype, lengths_shape, bits, group, axis):
 
 def _check_kernel(x_shape, bits, group, axis, block_tokens, num_warps):
   """Triton-only limits: every array the kernel computes must have a power-of-2 size."""
+  if bits not in KERNEL_BITS:
+    raise ValueError(f"bits={bits}: the kernel packs {KERNEL_BITS}-bit codes; 3-bit codes (two planes) are "
+                     "packed by the jnp path (akv.quantize with implementation='xla' or None)")
   if num_warps not in (1, 2, 4, 8, 16):
     raise ValueError(f"num_warps={num_warps} must be one of 1, 2, 4, 8, 16")
   h = x_shape[-1]

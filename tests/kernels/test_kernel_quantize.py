@@ -312,7 +312,8 @@ def test_lowers_to_triton_for_cuda(bits, h, axis):
     ((2, 64, 64), jnp.float32, (2, 2), {}, r"4-D .*\(2, 64, 64\)"),
     ((2, 2, 64, 64), jnp.int32, (2, 2), {}, "float array, got dtype int32"),
     ((2, 2, 64, 64), jnp.float32, (2,), {}, r"lengths must have shape .*got \(2,\)"),
-    ((2, 2, 64, 64), jnp.float32, (2, 2), dict(bits=3), "bits=3 is not supported"),
+    ((2, 2, 64, 64), jnp.float32, (2, 2), dict(bits=5), "bits=5 is not supported"),
+    ((2, 2, 64, 64), jnp.float32, (2, 2), dict(bits=3), r"bits=3: the kernel packs \(2, 4, 8\)-bit codes"),
     ((2, 2, 64, 64), jnp.float32, (2, 2), dict(axis="head"), "axis='head'"),
     ((2, 2, 64, 64), jnp.float32, (2, 2), dict(group=0), "group=0 must be >= 1"),
     ((2, 2, 48, 64), jnp.float32, (2, 2), dict(group=32), "S=48 is not a multiple of group=32"),
@@ -330,7 +331,7 @@ def test_static_errors(shape, dtype, lshape, kwargs, match):
   lengths = jnp.zeros(lshape, jnp.int32)
   with pytest.raises(ValueError, match=match):
     qp.quantize_pack(x, lengths, interpret=True, **kw)
-  if not {"block_tokens", "num_warps"} & kwargs.keys() and "power of 2" not in match:
+  if not {"block_tokens", "num_warps"} & kwargs.keys() and "power of 2" not in match and "kernel packs" not in match:
     # The reference shares the checks that are not Triton limits.
     with pytest.raises(ValueError, match=match):
       qp.quantize_pack_reference(x, lengths, **kw)

@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import akv_jax as akv
 from akv_jax.quant import QuantSpec
+from akv_jax.testing import random_kv, random_queries
 
 
 def _step(qt, axis):
@@ -15,7 +16,7 @@ def _step(qt, axis):
   return jnp.repeat(qt.scale.astype(jnp.float32), qt.group, axis=red)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("axis", ["channel", "token"])
 def test_error_within_half_step(bits, axis):
   x = jax.random.normal(jax.random.key(bits), (2, 3, 64, 64)) * 4 + 1
@@ -41,7 +42,7 @@ def test_channel_groups_isolate_outlier_channels():
   assert err_c < err_t / 4
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_constant_group_is_exact_and_finite(bits):
   x = jnp.full((2, 32, 8), 3.3)
   x = x.at[1].set(0.0)
@@ -65,9 +66,9 @@ def test_padded_tokens_never_enter_min_max(axis):
 
 
 @settings(max_examples=40, deadline=None)
-@given(bits=st.sampled_from([2, 4, 8]), rows=st.integers(1, 5), width=st.integers(1, 8), seed=st.integers(0, 2**16))
+@given(bits=st.sampled_from([2, 3, 4, 8]), rows=st.integers(1, 5), width=st.integers(1, 8), seed=st.integers(0, 2**16))
 def test_pack_unpack_bijective(bits, rows, width, seed):
-  h = width * (8 // bits)
+  h = width * (8 // bits if bits != 3 else 8)
   codes = np.random.default_rng(seed).integers(0, 2**bits, size=(rows, h), dtype=np.uint8)
   packed = akv.pack(jnp.asarray(codes), bits)
   assert packed.shape == (rows, h * bits // 8)
@@ -86,6 +87,40 @@ def test_packing_layout_sub_blocks_are_contiguous_head_dims():
   np.testing.assert_array_equal(packed[0], expect)
 
 
+def test_three_bit_codes_are_two_planes_read_as_contiguous_sub_blocks():
+  """3 bits: a 2-bit plane (H/4 bytes) then a 1-bit plane (H/8 bytes); sub_blocks gives 8 head-dim ranges of H/8."""
+  from pallas_kernels import quant_reference as ref
+  codes = (jnp.arange(16, dtype=jnp.uint8)[None] * 5) % 8   # H = 16
+  packed = akv.pack(codes, 3)
+  assert packed.shape == (1, 6)
+  np.testing.assert_array_equal(packed[0, :4], akv.pack(codes & 3, 2)[0])
+  np.testing.assert_array_equal(packed[0, 4:], [sum(int(codes[0, 2 * i + j] >> 2) << i for i in range(8))
+                                                for j in range(2)])
+  subs = ref.sub_blocks(packed, 3)
+  assert len(subs) == 8 and all(s.shape == (1, 2) for s in subs)
+  np.testing.assert_array_equal(jnp.concatenate(subs, axis=-1), codes)
+  with pytest.raises(ValueError, match="last axis 12 must be a multiple of 8 to pack 3-bit codes"):
+    akv.pack(jnp.zeros((12,), jnp.uint8), 3)
+  with pytest.raises(ValueError, match="3-bit codes are not byte-aligned"):
+    ref.codes_per_byte(3)
+
+
+def test_three_bit_caches_run_on_the_xla_path_and_the_kernels_say_so():
+  kv = random_kv(0, b=2, k=2, s=128, h=64, lengths=(128, 100), dtype=jnp.bfloat16)
+  q = random_queries(1, b=2, n=4, t=None, h=64, dtype=jnp.bfloat16)
+  pol = akv.Policy(key_bits=3, value_bits=3, recent=16)
+  ckv = akv.compress(kv, pol, reserve=8)
+  assert ckv.body_k.codes.shape[-1] == 24 and ckv.body_k.bits == 3
+  ckv = akv.append(ckv, kv.k[:, :, 0], kv.v[:, :, 0], pol)
+  np.testing.assert_allclose(np.asarray(akv.attend(q, ckv, implementation="xla"), np.float32),
+                             np.asarray(akv.attend(q, ckv, implementation="reference"), np.float32), atol=2e-2)
+  with pytest.raises(ValueError, match="the Pallas kernel reads 2-, 4- and 8-bit codes, not the two planes of "
+                                       "3-bit keys"):
+    akv.attend(q, ckv, implementation="pallas", interpret=True)
+  with pytest.raises(ValueError, match="the kernel packs 2, 4 and 8 bits; 3-bit codes"):
+    akv.quantize(kv.k, QuantSpec(bits=3, group=32, axis="channel"), implementation="pallas", interpret=True)
+
+
 def test_rounding_is_half_up():
   # Values exactly half way between two levels round up, the rule a Triton kernel shares.
   x = jnp.array([[0.0], [0.5], [1.0], [3.0]]).repeat(4, axis=1)[None]   # [1, 4, 4], token groups of 4
@@ -94,7 +129,7 @@ def test_rounding_is_half_up():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(bits=3), "bits=3 is not supported"),
+    (dict(bits=5), "bits=5 is not supported"),
     (dict(bits=2, group=0), "group=0 must be >= 1"),
     (dict(bits=2, axis="row"), "axis='row'"),
 ])
@@ -114,7 +149,7 @@ def test_shape_errors():
     akv.unpack(jnp.zeros((6,), jnp.uint8), 5)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_every_path_reads_codes_with_the_one_dequantize_formula(bits):
   """akv.dequantize is the formula (x = code * scale + zero, pallas_kernels.quant_reference.dequantize), which the
   decode kernel's reference calls; the chunked XLA path and the body readers mirror it, and must give the same
