@@ -45,16 +45,12 @@ def check_supported(q: jax.Array, ckv: CompressedKV, return_probs: bool) -> None
   if return_probs:
     raise ValueError("the kernel does not return per-slot probabilities (H2O); use implementation='reference' "
                      "with return_probs=True")
-  for name, t in (("keys", ckv.body_k), ("values", ckv.body_v)):
-    if isinstance(t, QuantizedTensor) and t.bits == 3:
-      raise ValueError(f"the Pallas kernel reads 2-, 4- and 8-bit codes, not the two planes of 3-bit {name}; "
-                       "use implementation='xla' (or None, which picks it)")
   body_format(ckv)
   h = ckv.head_dim
   for name, t in (("keys", ckv.body_k), ("values", ckv.body_v)):
-    if isinstance(t, QuantizedTensor) and h // (8 // t.bits) < 16:
-      raise ValueError(f"head dim {h} is too small for the Pallas kernel with {t.bits}-bit {name} (each packed "
-                       "sub-block needs >= 16 channels)")
+    if isinstance(t, QuantizedTensor) and h // _da.sub_blocks(t.bits) < 16:
+      raise ValueError(f"head dim {h} is too small for the Pallas kernel with {t.bits}-bit {name} (each of the "
+                       f"{_da.sub_blocks(t.bits)} packed sub-blocks needs >= 16 channels)")
 
 
 def why_unsupported(q: jax.Array, ckv: CompressedKV, return_probs: bool) -> str | None:

@@ -42,8 +42,8 @@ PRESETS: dict[str, Policy] = {
     # ranked across the heads of a layer, as kvpress ranks them across heads (and layers).
     "kvzip": Policy(name="kvzip", scorer=KVzip(), budget=AdaKV(keep=0.25), guards=Guards(recent=32)),
     "kivi2": Policy(name="kivi2", guards=_guards(), **_kivi(2)),
-    # 3 bits: a 2-bit and a 1-bit plane (pallas_kernels.quant_reference.pack); the XLA path reads them, the fused
-    # decode kernel does not yet.
+    # 3 bits: a 2-bit and a 1-bit plane (pallas_kernels.quant_reference.pack), read by every path; the fused
+    # decode kernel needs H >= 128 for them (8 sub-blocks of H/8, each a 16-wide dot).
     "kivi3": Policy(name="kivi3", guards=_guards(), **_kivi(3)),
     "kivi4": Policy(name="kivi4", guards=_guards(), **_kivi(4)),
     "hybrid_5x": Policy(name="hybrid_5x", scorer=SnapKV(window=32), budget=Uniform(keep=0.56, target=5),

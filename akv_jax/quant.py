@@ -49,8 +49,6 @@ def _pallas_ok(x: jax.Array, spec: QuantSpec) -> str | None:
   """Why the fused kernel cannot quantize x, or None when it can."""
   if x.ndim != 4:
     return f"x must be [B, K, S, H] for the kernel, got shape {x.shape}"
-  if spec.bits == 3:
-    return "the kernel packs 2, 4 and 8 bits; 3-bit codes (two planes) are packed by the jnp path"
   h = x.shape[-1]
   if h & (h - 1) or spec.group & (spec.group - 1):
     return f"the kernel needs a power-of-2 head dim and group, got H={h}, group={spec.group}"

@@ -27,7 +27,8 @@ Designed for bandwidth (decode reads every byte once and does little arithmetic 
 Packed codes: n = 8 / bits codes per byte; byte j of a row holds head-dim elements j, j + H/n, ..., so sub-block
 i of the unpacked row is the contiguous head-dim range [i H/n, (i + 1) H/n): q.k is a sum of n dots over ref
 slices of q, and each value chunk (one byte range, one scale column) writes its own output columns, with no value
-slicing or concatenation (which Triton rejects).
+slicing or concatenation (which Triton rejects). 3-bit codes are a 2-bit plane and a 1-bit plane side by side
+(quant_reference.pack): 8 sub-blocks of H/8, each from three byte ranges (H >= 128, so a sub-block fills a dot).
 
 Long caches split along the sequence (flash-decoding): program j of (b, k) takes the j-th share of body and
 recent blocks (split 0 also the sinks and the patch) and writes an unnormalized partial output with its row max
@@ -60,7 +61,7 @@ _MAGIC = 1024.0
 # registers x 128 threads (experiments/results/kernel_report), which leaves room for 2.
 _SMS = 132
 _CTAS_PER_SM = 2
-QUANT_BITS = (2, 4, 8)
+QUANT_BITS = (2, 3, 4, 8)
 RAW = 16                 # "bits" of a bf16 (unquantized) body
 
 
@@ -108,7 +109,7 @@ class Format:
     """Output channels per value chunk: one byte range of the packed values under one scale column."""
     if self.value_bits == RAW:
       return h
-    return min(h // (8 // self.value_bits), self.value_group)
+    return min(h // sub_blocks(self.value_bits), self.value_group)
 
 
 # ------------------------------------------------------------------------------------------------ kernel
@@ -121,12 +122,32 @@ def _split(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
   return hi, (x - hi.astype(jnp.float32)).astype(dtype)
 
 
-def _codes(packed: jax.Array, index: int, bits: int) -> jax.Array:
-  """Sub-block `index` of packed codes (int32 holding bytes) as exact f16: the code is OR-ed into the mantissa of
-  f16 1024 (bits 0x6400) and 1024 subtracted, a logic op and a paired half add instead of an int-to-float
-  conversion."""
-  c = ((packed >> (index * bits)) & ((1 << bits) - 1)) | _MAGIC_BITS
-  return jax.lax.bitcast_convert_type(c.astype(jnp.int16), jnp.float16) - _MAGIC
+def sub_blocks(bits: int) -> int:
+  """Contiguous head-dim sub-blocks a packed row unpacks into (quant_reference.sub_blocks): 8 / bits, or 8 for
+  3-bit codes (a 2-bit and a 1-bit plane)."""
+  return 8 if bits == 3 else 8 // bits
+
+
+def _load_packed(load, bits: int, h: int, off: int, width: int) -> tuple[jax.Array, ...]:
+  """The byte ranges (int32) that the codes of columns [off, off + width) of every sub-block come from:
+  load(col, width) -> [rows, width]. One range for 2, 4 and 8 bits; for 3 bits three, the two halves of the
+  2-bit plane and the 1-bit plane, each H/8 bytes wide."""
+  if bits != 3:
+    return (load(off, width).astype(jnp.int32),)
+  w = h // 8
+  return tuple(load(plane * w + off, width).astype(jnp.int32) for plane in range(3))
+
+
+def _codes(packed: tuple[jax.Array, ...], index: int, bits: int) -> jax.Array:
+  """Sub-block `index` of packed codes (from `_load_packed`) as exact f16: the code is OR-ed into the mantissa
+  of f16 1024 (bits 0x6400) and 1024 subtracted, a logic op and a paired half add instead of an int-to-float
+  conversion. A 3-bit code is its low bits from half index % 2 of the 2-bit plane and its high bit from the 1-bit
+  plane: three more shifts and masks."""
+  if bits == 3:
+    c = ((packed[index % 2] >> (2 * (index // 2))) & 3) | (((packed[2] >> index) & 1) << 2)
+  else:
+    c = (packed[0] >> (index * bits)) & ((1 << bits) - 1)
+  return jax.lax.bitcast_convert_type((c | _MAGIC_BITS).astype(jnp.int16), jnp.float16) - _MAGIC
 
 
 class _Rows:
@@ -178,7 +199,7 @@ def _chunks(fmt: Format, h: int) -> list[tuple[int, int, int]]:
   one value scale column and one byte range of the packed codes cover."""
   if fmt.value_bits == RAW:
     return [(0, 0, 0)]
-  n = 8 // fmt.value_bits
+  n = sub_blocks(fmt.value_bits)
   sub, u = h // n, fmt.chunk(h)
   return [(off, i, i * sub + off) for off in range(0, sub, u) for i in range(n)]
 
@@ -239,7 +260,7 @@ def _kernel(fmt: Format, splits: int, side_block: int, g: int, *refs):
     return _update(state, raw_scores(k), valid, raw_mix(load_v))
 
   if fmt.key_bits != RAW:
-    nk = 8 // fmt.key_bits
+    nk = sub_blocks(fmt.key_bits)
     ksub = h // nk
     q16 = [(q_ref[:, pl.ds(i * ksub, ksub)] * _LOG2E).astype(jnp.float16) for i in range(nk)]
 
@@ -254,7 +275,7 @@ def _kernel(fmt: Format, splits: int, side_block: int, g: int, *refs):
     else:
       # Keys dequantized in registers to f16 (one FMA per code), then one dot per sub-block over all t slots.
       codes_ref, scale_ref, zero_ref = k_refs
-      packed = rows(codes_ref, 0, ksub).astype(jnp.int32)
+      packed = _load_packed(lambda col, w: rows(codes_ref, col, w), fmt.key_bits, h, 0, ksub)
       groups = t // fmt.key_group
       s = None
       for sub in range(nk):
@@ -278,7 +299,7 @@ def _kernel(fmt: Format, splits: int, side_block: int, g: int, *refs):
         out, loaded = [], {}
         for off, sub, first_ch in chunks:
           if off not in loaded:
-            loaded[off] = rows(codes_ref, off, u).astype(jnp.int32)
+            loaded[off] = _load_packed(lambda col, w: rows(codes_ref, col, w), fmt.value_bits, h, off, u)
           col = first_ch // gv
           scale = rows.column(scale_ref, col).astype(jnp.float32)      # [t]
           zero = rows.column(zero_ref, col).astype(jnp.float32)
@@ -345,8 +366,8 @@ def validate(q, sink_k, body_k, body_v, recent_k, patch_v, lengths, page_table, 
   if h & (h - 1) or h < _MIN_ROWS:
     raise ValueError(f"head dim H={h} must be a power of 2 >= {_MIN_ROWS}")
   for name, bits in (("key_bits", fmt.key_bits), ("value_bits", fmt.value_bits)):
-    if bits != RAW and h // (8 // bits) < _MIN_ROWS:
-      raise ValueError(f"head dim H={h} is too small for {name}={bits}: each of the {8 // bits} packed "
+    if bits != RAW and h // sub_blocks(bits) < _MIN_ROWS:
+      raise ValueError(f"head dim H={h} is too small for {name}={bits}: each of the {sub_blocks(bits)} packed "
                        f"sub-blocks needs >= {_MIN_ROWS} channels")
   if fmt.value_bits != RAW and h % fmt.value_group:
     raise ValueError(f"head dim H={h} is not a multiple of value_group={fmt.value_group}")

@@ -15,7 +15,8 @@ of every group it owns, so quantizing a cache costs one pass over it. The result
 axis="channel" groups `group` consecutive tokens of one channel (keys): scale/zero [B, K, S / group, H].
 axis="token" groups `group` consecutive channels of one token (values): scale/zero [B, K, S, H / group].
 Packing: n = 8 / bits codes per byte; byte j of a row holds head dims j, j + H/n, ..., j + (n-1) H/n, head dim
-i * H/n + j in bits [i * bits, (i + 1) * bits).
+i * H/n + j in bits [i * bits, (i + 1) * bits). 3-bit codes: the low two bits packed so (H/4 bytes), then the high
+bit (H/8 bytes), written by two stores.
 
 Why the kernel does not simply copy the reference's arithmetic: Triton lowers an f32 division to the approximate
 `div.full.f32` and has no float16 nextafter, so the kernel never divides in floating point and steps float16
@@ -54,7 +55,6 @@ from pallas_kernels.quant_reference import AXES, SUPPORTED_BITS, f16_bits, recip
 # Rows of x per program when the caller does not say: 64 x H elements keeps a tile within the registers of 4
 # warps for H <= 128.
 DEFAULT_BLOCK_TOKENS = 64
-KERNEL_BITS = (2, 4, 8)   # byte-aligned widths; 3-bit planes are not written by this kernel yet
 _F16_SIGN = 0x8000
 _F16_MAG = 0x7FFF
 
@@ -82,16 +82,13 @@ def _check_common(x_shape, x_dtype, lengths_shape, bits, group, axis):
     raise ValueError(f"S={s} is not a multiple of group={group} (axis='channel' groups tokens)")
   if axis == "token" and h % group:
     raise ValueError(f"H={h} is not a multiple of group={group} (axis='token' groups channels)")
-  n = 8 // bits
+  n = 8 if bits == 3 else 8 // bits   # 3 bits: a 1-bit plane of H/8 bytes
   if h % n:
     raise ValueError(f"H={h} must be a multiple of {n} to pack {bits}-bit codes")
 
 
 def _check_kernel(x_shape, bits, group, axis, block_tokens, num_warps):
   """Triton-only limits: every array the kernel computes must have a power-of-2 size."""
-  if bits not in KERNEL_BITS:
-    raise ValueError(f"bits={bits}: the kernel packs {KERNEL_BITS}-bit codes; 3-bit codes (two planes) are "
-                     "packed by the jnp path (akv.quantize with implementation='xla' or None)")
   if num_warps not in (1, 2, 4, 8, 16):
     raise ValueError(f"num_warps={num_warps} must be one of 1, 2, 4, 8, 16")
   h = x_shape[-1]
@@ -212,8 +209,13 @@ def _kernel(len_ref, x_ref, codes_ref, scale_ref, zero_ref, *, bits, group, axis
   inv_b = jnp.expand_dims(inv, red)
   codes = jnp.clip(jnp.floor((g3 - zero_b) * inv_b + 0.5), 0, levels)
   codes = jnp.where(v3, codes, 0.0).astype(jnp.int32).reshape(t, h)
-  packed = _pack_rows(codes, bits)
-  plgpu.store(codes_ref, packed.astype(jnp.uint8), mask=jnp.broadcast_to(in_range, packed.shape))
+  if bits == 3:   # a 2-bit plane (H/4 bytes), then a 1-bit plane (H/8): two stores, no concatenation
+    for col, plane in ((0, _pack_rows(codes & 3, 2)), (h // 4, _pack_rows(codes >> 2, 1))):
+      plgpu.store(codes_ref.at[:, pl.ds(col, plane.shape[1])], plane.astype(jnp.uint8),
+                  mask=jnp.broadcast_to(in_range, plane.shape))
+  else:
+    packed = _pack_rows(codes, bits)
+    plgpu.store(codes_ref, packed.astype(jnp.uint8), mask=jnp.broadcast_to(in_range, packed.shape))
 
   if axis == "channel":
     grow = pl.program_id(2) * gpb + lax.broadcasted_iota(jnp.int32, (gpb, 1), 0)
@@ -237,12 +239,11 @@ def _pallas_quantize(x, lengths, init, *, bits, group, axis, block_tokens, num_w
   b, k, s, h = x.shape
   t = block_tokens
   gpb = t // group
-  n = 8 // bits
   stat_block = (None, None, gpb, h) if axis == "channel" else (None, None, t, h // group)
   row_map = lambda bi, ki, si: (bi, ki, si, 0)
   in_specs = [pl.BlockSpec((None, None), lambda bi, ki, si: (bi, ki)),
               pl.BlockSpec((None, None, t, h), row_map)]
-  out_specs = (pl.BlockSpec((None, None, t, h // n), row_map),
+  out_specs = (pl.BlockSpec((None, None, t, h * bits // 8), row_map),
                pl.BlockSpec(stat_block, row_map),
                pl.BlockSpec(stat_block, row_map))
   args = [lengths.astype(jnp.int32), x]
@@ -278,7 +279,7 @@ def quantize_pack(x: jax.Array, lengths: jax.Array, *, bits: int, group: int, ax
     x: [B, K, S, H] float32 or bfloat16 (any float; computed in f32). H must be a power of 2.
     lengths: i32[B, K]; token s of head (b, k) is valid iff s < lengths[b, k]. Invalid tokens never enter a
       group's min/max and get code 0.
-    bits: 2, 4 or 8.
+    bits: 2, 3, 4 or 8.
     group: power of 2; S must be a multiple of it for axis="channel", H for axis="token".
     axis: "channel" (groups of tokens per channel, keys) or "token" (groups of channels per token, values).
     block_tokens: tokens per program (power of 2; a multiple of group for "channel"). Default 64 (or group).

@@ -92,7 +92,7 @@ CASES = [
     # (key_bits, value_bits, h, g, value_group)
     (2, 2, 128, 4, 32), (4, 4, 64, 8, 32), (8, 8, 128, 1, 32), (2, 4, 64, 4, 16), (4, 2, 128, 8, 64),
     (2, 2, 64, 1, 32), (16, 16, 64, 4, 32), (16, 16, 128, 8, 32), (8, 2, 64, 4, 32), (2, 2, 64, 3, 32),
-    (4, 4, 128, 3, 32), (16, 16, 64, 3, 32),
+    (4, 4, 128, 3, 32), (16, 16, 64, 3, 32), (3, 3, 128, 4, 32), (3, 2, 128, 3, 16),
 ]
 
 
@@ -106,7 +106,7 @@ def test_dense_body_matches_reference(kb, vb, h, g, gv):
 
 
 @pytest.mark.parametrize("kb,vb,h,g,q", [(2, 2, 128, 4, 32), (4, 4, 64, 8, 16), (16, 16, 64, 1, 16),
-                                           (8, 4, 128, 4, 32)])
+                                           (8, 4, 128, 4, 32), (3, 3, 128, 4, 32)])
 def test_paged_body_matches_reference(kb, vb, h, g, q):
   fmt = da.Format(key_bits=kb, value_bits=vb, key_group=q, value_group=16, page_size=q)
   inputs = make_inputs(7 + kb + q, h=h, g=g, fmt=fmt, pages=8, r=33)
@@ -148,7 +148,7 @@ def test_default_splits_from_occupancy():
 
 
 @pytest.mark.parametrize("kb,vb,h,paged", [(2, 2, 128, False), (4, 4, 64, True), (8, 8, 64, False),
-                                             (16, 16, 128, True), (2, 4, 64, False)])
+                                             (16, 16, 128, True), (2, 4, 64, False), (3, 3, 128, False)])
 def test_lowers_for_cuda(kb, vb, h, paged):
   q_size = 32 if kb != 16 else 16
   fmt = da.Format(key_bits=kb, value_bits=vb, value_group=32, page_size=q_size if paged else 0)
@@ -160,8 +160,11 @@ def test_lowers_for_cuda(kb, vb, h, paged):
 def test_errors():
   fmt = da.Format(key_bits=2, value_bits=2)
   inputs = make_inputs(0, fmt=fmt)
-  with pytest.raises(ValueError, match="key_bits=3 is not supported"):
-    da.Format(key_bits=3)
+  with pytest.raises(ValueError, match="key_bits=5 is not supported"):
+    da.Format(key_bits=5)
+  with pytest.raises(ValueError, match="head dim H=64 is too small for key_bits=3: each of the 8 packed"):
+    da.decode_attention(**make_inputs(0, h=64, fmt=da.Format(key_bits=3, value_bits=3)),
+                        fmt=da.Format(key_bits=3, value_bits=3), interpret=True)
   with pytest.raises(ValueError, match="key_group=24 must be a power of 2"):
     da.Format(key_group=24)
   with pytest.raises(ValueError, match="page_size=8 must be a power of 2 >= 16"):

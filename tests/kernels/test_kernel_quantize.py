@@ -178,6 +178,8 @@ CASES = [
     (2, "token", 128, 64, jnp.float32, 64, [64, 63, 0, 20], None),
     (4, "token", 128, 32, jnp.bfloat16, 50, [50, 7], 16),
     (8, "token", 128, 32, jnp.float32, 99, [99, 98, 33, 200], None),
+    (3, "channel", 64, 32, jnp.float32, 160, [0, 160, 37, 100], None),
+    (3, "token", 128, 32, jnp.bfloat16, 77, [77, 0, 40, 13], None),
 ]
 
 
@@ -299,7 +301,7 @@ def test_reference_equals_akv_jax_quantize():
 
 @pytest.mark.parametrize("axis", ["channel", "token"])
 @pytest.mark.parametrize("h", [64, 128])
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_lowers_to_triton_for_cuda(bits, h, axis):
   x = jax.ShapeDtypeStruct((2, 2, 96, h), jnp.bfloat16)
   lengths = jax.ShapeDtypeStruct((2, 2), jnp.int32)
@@ -313,7 +315,7 @@ def test_lowers_to_triton_for_cuda(bits, h, axis):
     ((2, 2, 64, 64), jnp.int32, (2, 2), {}, "float array, got dtype int32"),
     ((2, 2, 64, 64), jnp.float32, (2,), {}, r"lengths must have shape .*got \(2,\)"),
     ((2, 2, 64, 64), jnp.float32, (2, 2), dict(bits=5), "bits=5 is not supported"),
-    ((2, 2, 64, 64), jnp.float32, (2, 2), dict(bits=3), r"bits=3: the kernel packs \(2, 4, 8\)-bit codes"),
+    ((2, 2, 64, 4), jnp.float32, (2, 2), dict(bits=3, group=1), "H=4 must be a multiple of 8 to pack 3-bit codes"),
     ((2, 2, 64, 64), jnp.float32, (2, 2), dict(axis="head"), "axis='head'"),
     ((2, 2, 64, 64), jnp.float32, (2, 2), dict(group=0), "group=0 must be >= 1"),
     ((2, 2, 48, 64), jnp.float32, (2, 2), dict(group=32), "S=48 is not a multiple of group=32"),
@@ -331,7 +333,7 @@ def test_static_errors(shape, dtype, lshape, kwargs, match):
   lengths = jnp.zeros(lshape, jnp.int32)
   with pytest.raises(ValueError, match=match):
     qp.quantize_pack(x, lengths, interpret=True, **kw)
-  if not {"block_tokens", "num_warps"} & kwargs.keys() and "power of 2" not in match and "kernel packs" not in match:
+  if not {"block_tokens", "num_warps"} & kwargs.keys() and "power of 2" not in match:
     # The reference shares the checks that are not Triton limits.
     with pytest.raises(ValueError, match=match):
       qp.quantize_pack_reference(x, lengths, **kw)

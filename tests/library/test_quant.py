@@ -105,20 +105,28 @@ def test_three_bit_codes_are_two_planes_read_as_contiguous_sub_blocks():
     ref.codes_per_byte(3)
 
 
-def test_three_bit_caches_run_on_the_xla_path_and_the_kernels_say_so():
-  kv = random_kv(0, b=2, k=2, s=128, h=64, lengths=(128, 100), dtype=jnp.bfloat16)
-  q = random_queries(1, b=2, n=4, t=None, h=64, dtype=jnp.bfloat16)
+def test_three_bit_caches_on_every_path():
+  """compress, append, the XLA path, the fused kernel (H = 128: each of the 8 sub-blocks fills a 16-wide dot) and
+  the quantize-and-pack kernel read and write the two planes; at H = 64 the kernel says why it cannot."""
+  kv = random_kv(0, b=2, k=2, s=128, h=128, lengths=(128, 100), dtype=jnp.bfloat16)
+  q = random_queries(1, b=2, n=4, t=None, h=128, dtype=jnp.bfloat16)
   pol = akv.Policy(key_bits=3, value_bits=3, recent=16)
   ckv = akv.compress(kv, pol, reserve=8)
-  assert ckv.body_k.codes.shape[-1] == 24 and ckv.body_k.bits == 3
+  assert ckv.body_k.codes.shape[-1] == 48 and ckv.body_k.bits == 3
   ckv = akv.append(ckv, kv.k[:, :, 0], kv.v[:, :, 0], pol)
-  np.testing.assert_allclose(np.asarray(akv.attend(q, ckv, implementation="xla"), np.float32),
-                             np.asarray(akv.attend(q, ckv, implementation="reference"), np.float32), atol=2e-2)
-  with pytest.raises(ValueError, match="the Pallas kernel reads 2-, 4- and 8-bit codes, not the two planes of "
-                                       "3-bit keys"):
-    akv.attend(q, ckv, implementation="pallas", interpret=True)
-  with pytest.raises(ValueError, match="the kernel packs 2, 4 and 8 bits; 3-bit codes"):
-    akv.quantize(kv.k, QuantSpec(bits=3, group=32, axis="channel"), implementation="pallas", interpret=True)
+  want = np.asarray(akv.attend(q, ckv, implementation="reference"), np.float32)
+  for impl in ("xla", "pallas"):
+    got = np.asarray(akv.attend(q, ckv, implementation=impl, interpret=True), np.float32)
+    np.testing.assert_allclose(got, want, atol=2e-2)
+  spec = QuantSpec(bits=3, group=32, axis="channel")
+  for a, b in zip(jax.tree_util.tree_leaves(akv.quantize(kv.k, spec, implementation="pallas", interpret=True)),
+                  jax.tree_util.tree_leaves(akv.quantize(kv.k, spec))):
+    np.testing.assert_array_equal(a, b)
+  small = akv.compress(random_kv(0, b=1, k=2, s=128, h=64, dtype=jnp.bfloat16), pol)
+  with pytest.raises(ValueError, match=r"head dim 64 is too small for the Pallas kernel with 3-bit keys \(each of "
+                                       r"the 8 packed sub-blocks needs >= 16 channels\)"):
+    akv.attend(random_queries(1, b=1, n=4, t=None, h=64, dtype=jnp.bfloat16), small, implementation="pallas",
+               interpret=True)
 
 
 def test_rounding_is_half_up():
