@@ -57,6 +57,7 @@ results-real: setup
 	$(call run_real_stages,experiments/smollm2_sweep_4k.yaml)
 	$(call run_real_stages,experiments/smollm2_ablation_4k.yaml)
 	$(call run_real_stages,experiments/smollm2_8k.yaml)
+	$(PY) experiments/bits_smollm2.py --out experiments/results/bits_smollm2_4k.json --no_progress
 	$(PY) experiments/bench_real_speed.py --out experiments/results/speed_smollm2_cpu.json
 
 # The decode kernel's compiled cost for sm_90 (registers, spills, mma, instructions per token), on this CPU.

@@ -96,8 +96,8 @@ def test_config_errors(tmp_path):
     sweep.load_config(write({"policies": ["kivi2"], "polcy": 1}))
   with pytest.raises(ValueError, match="needs a 'policies' field"):
     sweep.load_config(write({"baseline": "full"}))
-  with pytest.raises(ValueError, match="config field policies: unknown preset 'kivi3'"):
-    sweep.load_config(write({"policies": ["kivi3"]}))
+  with pytest.raises(ValueError, match="config field policies: unknown preset 'kivi5'"):
+    sweep.load_config(write({"policies": ["kivi5"]}))
   with pytest.raises(ValueError, match=r"config field policies=\(\) must be a non-empty list"):
     sweep.load_config(write({"policies": []}))
   with pytest.raises(ValueError, match="config field policies='kivi2' must be a non-empty list"):

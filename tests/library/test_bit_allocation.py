@@ -98,8 +98,9 @@ def test_plan_composes_with_selection():
 
 def test_plan_errors():
   kvs, qs = _layers(num_layers=2)
-  with pytest.raises(ValueError, match=r"width 3 is not supported; use widths from \(2, 4, 8\) or None for bf16"):
-    ba.plan_bits(KIVI, kvs, qs, target=4, widths=(2, 3))
+  with pytest.raises(ValueError, match=r"width 5 is not supported; use widths from \(2, 3, 4, 8\) or None for "
+                                       r"bf16"):
+    ba.plan_bits(KIVI, kvs, qs, target=4, widths=(2, 5))
   with pytest.raises(ValueError, match=r"widths=\[2, 2\] names a width more than once"):
     ba.plan_bits(KIVI, kvs, qs, target=4, widths=(2, 2))
   with pytest.raises(ValueError, match="widths is empty"):
