@@ -20,19 +20,31 @@ setup: $(VENV)/.installed
 run: setup
 	$(PY) experiments/run_real.py --config experiments/smollm2_hybrid_8x.yaml --out out/hybrid_8x
 
-# Four processes: the Pallas kernel tests (interpret mode, CUDA lowering), the real-model tests, the model and
-# extend tests, and the rest, so no run's compiled-program state grows into another's (one process for all of the
-# last three crashed in XLA's compiler, on a test that passes alone). Tests live in folders by layer: library,
-# kernels, models, experiments.
+# Five processes: the Pallas kernel tests (interpret mode, CUDA lowering), the real-model tests, the model and
+# extend tests, the library tests and the rest, so no run's compiled-program state grows into another's (one
+# process for several of them crashes in XLA's compiler, on tests that pass alone: LLVM runs out of memory maps
+# once a process holds enough compiled programs; library and rest together did so). Two run at a time (a 2-core machine: much of
+# each is single-threaded compilation), the longest first; each group's output is printed whole when it ends.
+# Tests live in folders by layer: library, kernels, models, experiments.
 KERNEL_TESTS := tests/kernels
 REAL_TESTS := tests/models/test_gguf.py tests/models/test_text_tasks.py tests/experiments/test_run_real.py \
   tests/experiments/test_bench_real_speed.py tests/experiments/test_bench_peers.py tests/experiments/test_bits_smollm2.py
 MODEL_TESTS := tests/models/test_models.py tests/library/test_extend.py
+TEST_GROUPS := test-library test-kernels test-rest test-real test-model
+.PHONY: $(TEST_GROUPS)
 test: setup
+	$(MAKE) --no-print-directory -j2 --output-sync=target $(TEST_GROUPS)
+
+test-library: setup
+	$(PY) -m pytest tests/library $(addprefix --ignore=,$(MODEL_TESTS))
+test-rest: setup
+	$(PY) -m pytest tests $(addprefix --ignore=,tests/library $(KERNEL_TESTS) $(REAL_TESTS) $(MODEL_TESTS))
+test-kernels: setup
 	$(PY) -m pytest $(KERNEL_TESTS)
+test-real: setup
 	$(PY) -m pytest $(REAL_TESTS)
+test-model: setup
 	$(PY) -m pytest $(MODEL_TESTS)
-	$(PY) -m pytest tests $(addprefix --ignore=,$(KERNEL_TESTS) $(REAL_TESTS) $(MODEL_TESTS))
 
 # Regenerates every CPU result file the README quotes. `results-real` is the real model (SmolLM2-135M-Instruct):
 # each run resumes what an earlier, cut run of its config finished (run_real --resume), and its results.json
