@@ -23,8 +23,9 @@ run: setup
 # Five processes: the Pallas kernel tests (interpret mode, CUDA lowering), the real-model tests, the model and
 # extend tests, the library tests and the rest, so no run's compiled-program state grows into another's (one
 # process for several of them crashes in XLA's compiler, on tests that pass alone: LLVM runs out of memory maps
-# once a process holds enough compiled programs; library and rest together did so). Two run at a time (a 2-core machine: much of
-# each is single-threaded compilation), the longest first; each group's output is printed whole when it ends.
+# once a process holds enough compiled programs; library and rest together did so). Two run at a time (a 2-core
+# machine: much of each is single-threaded compilation), the longest first; each group's output is printed whole
+# when it ends.
 # Tests live in folders by layer: library, kernels, models, experiments.
 KERNEL_TESTS := tests/kernels
 REAL_TESTS := tests/models/test_gguf.py tests/models/test_text_tasks.py tests/experiments/test_run_real.py \

@@ -73,20 +73,23 @@ class BitPlan:
   dense_bf16_bytes: int
 
   @property
+  def _columns(self) -> list[int]:
+    """The candidate column each layer's width is."""
+    return [self.candidates.index(w) for w in self.widths]
+
+  @property
   def held_bytes(self) -> int:
-    cols = [self.candidates.index(w) for w in self.widths]
-    return int(sum(self.layer_bytes[i, c] for i, c in enumerate(cols)))
+    return int(sum(self.layer_bytes[i, c] for i, c in enumerate(self._columns)))
 
   @property
   def ratio(self) -> float:
     return self.dense_bf16_bytes / self.held_bytes
 
   def to_dict(self) -> dict:
-    cols = [self.candidates.index(w) for w in self.widths]
     return dict(widths=list(self.widths), candidates=list(self.candidates), ratio=round(self.ratio, 4),
                 held_bytes=self.held_bytes, budget_bytes=self.budget_bytes,
                 dense_bf16_bytes=self.dense_bf16_bytes,
-                error_sum=float(sum(self.errors[i, c] for i, c in enumerate(cols))),
+                error_sum=float(sum(self.errors[i, c] for i, c in enumerate(self._columns))),
                 errors=np.round(self.errors, 6).tolist(), layer_bytes=self.layer_bytes.tolist())
 
 

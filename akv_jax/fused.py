@@ -17,6 +17,7 @@ from akv_jax import body as _body
 from akv_jax import validation
 from akv_jax.cache import CompressedKV, QuantizedTensor
 from pallas_kernels import decode as _da
+from pallas_kernels import quant_reference as _quant_ref
 
 
 def body_format(ckv: CompressedKV) -> _da.Format:
@@ -48,9 +49,10 @@ def check_supported(q: jax.Array, ckv: CompressedKV, return_probs: bool) -> None
   body_format(ckv)
   h = ckv.head_dim
   for name, t in (("keys", ckv.body_k), ("values", ckv.body_v)):
-    if isinstance(t, QuantizedTensor) and h // _da.sub_blocks(t.bits) < 16:
+    n = _quant_ref.sub_block_count(t.bits) if isinstance(t, QuantizedTensor) else 0
+    if n and h // n < 16:
       raise ValueError(f"head dim {h} is too small for the Pallas kernel with {t.bits}-bit {name} (each of the "
-                       f"{_da.sub_blocks(t.bits)} packed sub-blocks needs >= 16 channels)")
+                       f"{n} packed sub-blocks needs >= 16 channels)")
 
 
 def why_unsupported(q: jax.Array, ckv: CompressedKV, return_probs: bool) -> str | None:

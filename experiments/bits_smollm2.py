@@ -29,7 +29,6 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable,
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 import akv_jax as akv  # noqa: E402
 from akv_jax import models  # noqa: E402
@@ -37,13 +36,10 @@ from experiments import real_eval, result_files  # noqa: E402
 
 
 def calibrate(model: real_eval.RealModel, play: str, length: int):
-  """Per-layer bf16 DenseKV and observation queries of one play's first `length` tokens."""
+  """Per-layer DenseKV (in the model's cache dtype) and observation queries of one play's first `length` tokens."""
   tokens = real_eval.play_tokens(model, [play], length)
   lengths = jnp.full((1,), length, jnp.int32)
-  kvs, qs = models.observe_prompt(model.config, model.params, tokens, lengths, window=32)
-  dtype = model.config.kv_dtype or model.config.dtype
-  kvs = tuple(dataclasses.replace(kv, k=kv.k.astype(dtype), v=kv.v.astype(dtype)) for kv in kvs)
-  return kvs, qs
+  return models.observe_prompt(model.config, model.params, tokens, lengths, window=32)
 
 
 def by_index(plan: akv.bit_allocation.BitPlan, name: str) -> akv.Policy:

@@ -61,7 +61,7 @@ _MAGIC = 1024.0
 # registers x 128 threads (experiments/results/kernel_report), which leaves room for 2.
 _SMS = 132
 _CTAS_PER_SM = 2
-QUANT_BITS = (2, 3, 4, 8)
+QUANT_BITS = quant_reference.SUPPORTED_BITS
 RAW = 16                 # "bits" of a bf16 (unquantized) body
 
 
@@ -109,7 +109,7 @@ class Format:
     """Output channels per value chunk: one byte range of the packed values under one scale column."""
     if self.value_bits == RAW:
       return h
-    return min(h // sub_blocks(self.value_bits), self.value_group)
+    return min(h // quant_reference.sub_block_count(self.value_bits), self.value_group)
 
 
 # ------------------------------------------------------------------------------------------------ kernel
@@ -120,12 +120,6 @@ def _split(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
   (bf16 keys and values) two tensor-core dots then give the f32 product to that accuracy."""
   hi = x.astype(dtype)
   return hi, (x - hi.astype(jnp.float32)).astype(dtype)
-
-
-def sub_blocks(bits: int) -> int:
-  """Contiguous head-dim sub-blocks a packed row unpacks into (quant_reference.sub_blocks): 8 / bits, or 8 for
-  3-bit codes (a 2-bit and a 1-bit plane)."""
-  return 8 if bits == 3 else 8 // bits
 
 
 def _load_packed(load, bits: int, h: int, off: int, width: int) -> tuple[jax.Array, ...]:
@@ -199,7 +193,7 @@ def _chunks(fmt: Format, h: int) -> list[tuple[int, int, int]]:
   one value scale column and one byte range of the packed codes cover."""
   if fmt.value_bits == RAW:
     return [(0, 0, 0)]
-  n = sub_blocks(fmt.value_bits)
+  n = quant_reference.sub_block_count(fmt.value_bits)
   sub, u = h // n, fmt.chunk(h)
   return [(off, i, i * sub + off) for off in range(0, sub, u) for i in range(n)]
 
@@ -260,7 +254,7 @@ def _kernel(fmt: Format, splits: int, side_block: int, g: int, *refs):
     return _update(state, raw_scores(k), valid, raw_mix(load_v))
 
   if fmt.key_bits != RAW:
-    nk = sub_blocks(fmt.key_bits)
+    nk = quant_reference.sub_block_count(fmt.key_bits)
     ksub = h // nk
     q16 = [(q_ref[:, pl.ds(i * ksub, ksub)] * _LOG2E).astype(jnp.float16) for i in range(nk)]
 
@@ -366,8 +360,11 @@ def validate(q, sink_k, body_k, body_v, recent_k, patch_v, lengths, page_table, 
   if h & (h - 1) or h < _MIN_ROWS:
     raise ValueError(f"head dim H={h} must be a power of 2 >= {_MIN_ROWS}")
   for name, bits in (("key_bits", fmt.key_bits), ("value_bits", fmt.value_bits)):
-    if bits != RAW and h // sub_blocks(bits) < _MIN_ROWS:
-      raise ValueError(f"head dim H={h} is too small for {name}={bits}: each of the {sub_blocks(bits)} packed "
+    if bits == RAW:
+      continue
+    n = quant_reference.sub_block_count(bits)
+    if h // n < _MIN_ROWS:
+      raise ValueError(f"head dim H={h} is too small for {name}={bits}: each of the {n} packed "
                        f"sub-blocks needs >= {_MIN_ROWS} channels")
   if fmt.value_bits != RAW and h % fmt.value_group:
     raise ValueError(f"head dim H={h} is not a multiple of value_group={fmt.value_group}")

@@ -94,18 +94,24 @@ def unpack(packed: jax.Array, bits: int) -> jax.Array:
   return _unpack_plane(packed[..., :2 * w], 2) | (_unpack_plane(packed[..., 2 * w:], 1) << 2)
 
 
+def sub_block_count(bits: int) -> int:
+  """Contiguous head-dim sub-blocks a packed row unpacks into: 8 / bits, or 8 for 3-bit codes (`sub_blocks`)."""
+  _check_bits(bits)
+  return 8 if bits == 3 else 8 // bits
+
+
 def sub_blocks(packed: jax.Array, bits: int) -> list[jax.Array]:
   """The codes of packed u8[..., H * bits / 8] as int32 sub-blocks, each a contiguous head-dim range of equal
   width, in order: 8 / bits blocks of H * bits / 8 for 2, 4 and 8 bits (one shift and mask each), 8 blocks of H/8
   for 3 bits (block m: its low bits from byte range m % 2 of the 2-bit plane at shift 2 (m // 2), its high bit
   from the 1-bit plane at shift m). What the chunked attention and the kernels unpack in place."""
-  _check_bits(bits)
+  n = sub_block_count(bits)
   c = packed.astype(jnp.int32)
   if bits != 3:
-    return [(c >> (i * bits)) & ((1 << bits) - 1) for i in range(8 // bits)]
+    return [(c >> (i * bits)) & ((1 << bits) - 1) for i in range(n)]
   w = c.shape[-1] // 3
   low, high = (c[..., :w], c[..., w:2 * w]), c[..., 2 * w:]
-  return [((low[m % 2] >> (2 * (m // 2))) & 3) | (((high >> m) & 1) << 2) for m in range(8)]
+  return [((low[m % 2] >> (2 * (m // 2))) & 3) | (((high >> m) & 1) << 2) for m in range(n)]
 
 
 def group_view(x: jax.Array, group: int, axis: str) -> tuple[jax.Array, int]:

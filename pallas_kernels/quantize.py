@@ -82,7 +82,7 @@ def _check_common(x_shape, x_dtype, lengths_shape, bits, group, axis):
     raise ValueError(f"S={s} is not a multiple of group={group} (axis='channel' groups tokens)")
   if axis == "token" and h % group:
     raise ValueError(f"H={h} is not a multiple of group={group} (axis='token' groups channels)")
-  n = 8 if bits == 3 else 8 // bits   # 3 bits: a 1-bit plane of H/8 bytes
+  n = _ref.sub_block_count(bits)   # 3 bits: a 1-bit plane of H/8 bytes
   if h % n:
     raise ValueError(f"H={h} must be a multiple of {n} to pack {bits}-bit codes")
 

@@ -11,8 +11,8 @@ from akv_jax.models.llama import forward as forward
 from akv_jax.models.llama import generate as generate
 from akv_jax.models.llama import generate_from as generate_from
 from akv_jax.models.llama import init_params as init_params
-from akv_jax.models.llama import prefill as prefill
 from akv_jax.models.llama import observe_prompt as observe_prompt
+from akv_jax.models.llama import prefill as prefill
 from akv_jax.models.llama import prefill_many as prefill_many
 from akv_jax.models.llama import teacher_force as teacher_force
 from akv_jax.models.reconstruction import Reconstruction as Reconstruction

@@ -98,8 +98,8 @@ def resolve(raw: dict[str, Any], *, source: str = "config") -> ExperimentConfig:
     raise ValueError(f"config field artifact must be a mapping of {synthetic.field_names()}, got {artifact!r}")
   cfg = None if path is not None else synthetic.config_from_dict(artifact or {})
   out = raw.get("out") or f"out/synthetic_{names['policy']}"
-  return ExperimentConfig(policy=names["policy"], baseline=names["baseline"], fit_named=fit_named, artifact=cfg, artifact_path=path,
-                          out=str(out))
+  return ExperimentConfig(policy=names["policy"], baseline=names["baseline"], fit_named=fit_named, artifact=cfg,
+                          artifact_path=path, out=str(out))
 
 
 def load_config(path: str, *, sets: tuple[str, ...] = (), tiny: bool = False) -> ExperimentConfig:
