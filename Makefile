@@ -20,24 +20,30 @@ setup: $(VENV)/.installed
 run: setup
 	$(PY) experiments/run_real.py --config experiments/smollm2_hybrid_8x.yaml --out out/hybrid_8x
 
-# Five processes: the Pallas kernel tests (interpret mode, CUDA lowering), the real-model tests, the model and
-# extend tests, the library tests and the rest, so no run's compiled-program state grows into another's (one
-# process for several of them crashes in XLA's compiler, on tests that pass alone: LLVM runs out of memory maps
-# once a process holds enough compiled programs; library and rest together did so). Two run at a time (a 2-core
+# Six processes: the Pallas kernel tests (interpret mode, CUDA lowering), the real-model tests, the model and
+# extend tests, the library tests, the storage-option and pooled-layer tests, and the rest, so no run's
+# compiled-program state grows into another's (one process for several of them crashes in XLA's compiler, on tests
+# that pass alone: LLVM runs out of memory maps once a process holds enough compiled programs; library and rest
+# together did so, and so did one process for some model, library and storage tests). Two run at a time (a 2-core
 # machine: much of each is single-threaded compilation), the longest first; each group's output is printed whole
 # when it ends.
 # Tests live in folders by layer: library, kernels, models, experiments.
 KERNEL_TESTS := tests/kernels
 REAL_TESTS := tests/models/test_gguf.py tests/models/test_text_tasks.py tests/experiments/test_run_real.py \
-  tests/experiments/test_bench_real_speed.py tests/experiments/test_bench_peers.py tests/experiments/test_bits_smollm2.py
+  tests/experiments/test_bench_real_speed.py tests/experiments/test_bench_peers.py tests/experiments/test_bits_smollm2.py \
+  tests/experiments/test_storage_smollm2.py tests/experiments/test_adaptive_smollm2.py
 MODEL_TESTS := tests/models/test_models.py tests/library/test_extend.py
-TEST_GROUPS := test-library test-kernels test-rest test-real test-model
+# Storage options and pooled layers: many programs each (every attention path, paged and not), in their own process.
+STORAGE_TESTS := tests/library/test_outliers.py tests/library/test_rotation.py tests/library/test_pooled.py
+TEST_GROUPS := test-library test-kernels test-rest test-real test-model test-storage
 .PHONY: $(TEST_GROUPS)
 test: setup
 	$(MAKE) --no-print-directory -j2 --output-sync=target $(TEST_GROUPS)
 
 test-library: setup
-	$(PY) -m pytest tests/library $(addprefix --ignore=,$(MODEL_TESTS))
+	$(PY) -m pytest tests/library $(addprefix --ignore=,$(MODEL_TESTS) $(STORAGE_TESTS))
+test-storage: setup
+	$(PY) -m pytest $(STORAGE_TESTS)
 test-rest: setup
 	$(PY) -m pytest tests $(addprefix --ignore=,tests/library $(KERNEL_TESTS) $(REAL_TESTS) $(MODEL_TESTS))
 test-kernels: setup
@@ -71,11 +77,15 @@ results-real: setup
 	$(call run_real_stages,experiments/smollm2_ablation_4k.yaml)
 	$(call run_real_stages,experiments/smollm2_8k.yaml)
 	$(PY) experiments/bits_smollm2.py --out experiments/results/bits_smollm2_4k.json --no_progress
+	$(PY) experiments/storage_smollm2.py --out experiments/results/storage_smollm2_4k.json --no_progress
+	$(PY) experiments/adaptive_smollm2.py --out experiments/results/adaptive_smollm2_4k.json --no_progress
 	$(PY) experiments/bench_real_speed.py --out experiments/results/speed_smollm2_cpu.json
 
 # The decode kernel's compiled cost for sm_90 (registers, spills, mma, instructions per token), on this CPU.
 kernel-report: setup
 	$(PY) experiments/kernel_report.py --out experiments/results/kernel_report
+	$(PY) experiments/kernel_report.py --policies kivi2,kivi2+out4,kivi3,kivi4 --num_warps 4,2,1 --no-baseline \
+	  --out experiments/results/kernel_report_storage
 
 results-toy: setup
 	$(PY) experiments/preset_ratios.py --out experiments/results/preset_ratios.json

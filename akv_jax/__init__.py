@@ -42,6 +42,7 @@ from akv_jax.pipeline import decompress as decompress
 from akv_jax.policy import Guards as Guards
 from akv_jax.policy import Layout as Layout
 from akv_jax.policy import Policy as Policy
+from akv_jax.pooled import PooledCache as PooledCache
 from akv_jax.quant import QuantSpec as QuantSpec
 from akv_jax.quant import dequantize as dequantize
 from akv_jax.quant import pack as pack

@@ -58,7 +58,7 @@ def dequantize_heads(ckv: CompressedKV, body, dtype=jnp.float32) -> jax.Array:
   """Body keys or values as a per-head [B, K, M, H] array in `dtype`."""
   heads = jax.tree_util.tree_map(lambda leaf: to_heads(ckv, leaf), body)
   if isinstance(heads, QuantizedTensor):
-    return dequantize(heads, dtype)
+    return dequantize(heads, dtype, channels=ckv.outlier_channels if heads.outliers is not None else None)
   return heads.astype(dtype)
 
 

@@ -62,7 +62,7 @@ class DenseKV:
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantizedTensor:
   """Asymmetric min/max codes of a [..., S, H] tensor, packed along H.
 
@@ -76,12 +76,17 @@ class QuantizedTensor:
       one channel), f16[..., S, H / group] when axis == "token" (a group is `group` consecutive channels of one
       token).
     zero: the group minimum, same shape and dtype as scale.
+    outliers: [..., S, O] the O outlier channels of every token in the quantized input's dtype, or None
+      (KVQuant's dense-and-sparse split, per channel). Which channels they are is held once per (row, kv head)
+      beside the tensor (`CompressedKV.outlier_channels`); those channels were zeroed before quantizing, so
+      their codes decode to exactly 0 (a constant group) and a reader adds q[channels] . outliers to the scores.
     bits, group, axis: static layout.
   """
 
   codes: jax.Array
   scale: jax.Array
   zero: jax.Array
+  outliers: jax.Array | None = None
   bits: int = dataclasses.field(metadata=dict(static=True))
   group: int = dataclasses.field(metadata=dict(static=True))
   axis: QuantAxis = dataclasses.field(metadata=dict(static=True))
@@ -90,6 +95,11 @@ class QuantizedTensor:
   def shape(self) -> tuple[int, ...]:
     """Shape of the tensor the codes stand for, [..., S, H]."""
     return (*self.codes.shape[:-1], self.codes.shape[-1] * 8 // self.bits)
+
+  @property
+  def num_outliers(self) -> int:
+    """O: outlier channels held beside the codes (0 when none)."""
+    return 0 if self.outliers is None else self.outliers.shape[-1]
 
 
 @jax.tree_util.register_dataclass
@@ -124,6 +134,8 @@ class CompressedKV:
     sink_fill: i32[B] valid sink slots.
     next_pos: i32[B] original position the next appended token gets.
     page_table: i32[B, K, P_max] or None; -1 marks pages a head does not own (its capacity ends there).
+    outlier_channels: i32[B, K, O] the key channels held at 16 bits beside the body's key codes
+      (`QuantizedTensor.outliers`), chosen per row and kv head from the prompt, or None.
     rotation: int8[B, K, 2, H] the random signs of the rotated storage (akv_jax.rotation: keys, then values), or
       None. When present, every stored key and value (sinks, body, recent) is in the rotated basis.
     state: the policy's decode rule's own state, a pytree of its `state_type` (H2O's accumulated attention,
@@ -150,6 +162,7 @@ class CompressedKV:
   page_table: jax.Array | None = None
   state: Any = None
   rotation: jax.Array | None = None
+  outlier_channels: jax.Array | None = None
   page_size: int = dataclasses.field(default=1, metadata=dict(static=True))
 
   @property

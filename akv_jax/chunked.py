@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from akv_jax import body as _body
+from akv_jax import outliers as _outliers
 from akv_jax import validation
 from akv_jax.cache import CompressedKV, QuantizedTensor
 from akv_jax.quant import dequantize
@@ -69,10 +70,11 @@ class _PagedRows:
     return _body.flatten_leaf(leaf)[jnp.arange(ckv.batch)[:, None, None], flat]
 
 
-def _scores(qg: jax.Array, k, start, c: int, _slice=_slice) -> jax.Array:
+def _scores(qg: jax.Array, k, start, c: int, _slice=_slice, q_out: jax.Array | None = None) -> jax.Array:
   """qg f32[B, K, G, H] against body keys of slots [start, start + c) -> f32[B, K, G, c].
 
   `_slice(leaf, first_row, rows)` reads rows of a body leaf (a dynamic slice, or a page-table gather).
+  q_out: f32[B, K, G, O] the queries at the keys' outlier channels (akv_jax.outliers), whose codes decode to 0.
   """
   if not isinstance(k, QuantizedTensor):
     return _dot("BKGH,BKSH->BKGS", qg, _slice(k, start, c))
@@ -91,6 +93,8 @@ def _scores(qg: jax.Array, k, start, c: int, _slice=_slice) -> jax.Array:
     cols = slice(i * w, (i + 1) * w)
     ki = ci.reshape(b, kh, c // gk, gk, w) * scale[..., cols] + zero[..., cols]
     s = s + jnp.einsum("BKGH,BKSH->BKGS", qg[..., cols], ki.reshape(b, kh, c, w))
+  if k.outliers is not None:
+    s = s + _dot("BKGH,BKSH->BKGS", q_out, _slice(k.outliers, start, c))
   return s
 
 
@@ -185,13 +189,16 @@ def attend(q: jax.Array, ckv: CompressedKV, *, scale: float | None = None, chunk
     chunk = _default_chunk(ckv, b, kh, h) if chunk is None else chunk
     c = max(key_group, min(chunk, m_cap) // key_group * key_group)
     fill = ckv.key_fill
+    q_out = None
+    if isinstance(body_k, QuantizedTensor) and body_k.outliers is not None:
+      q_out = _outliers.queries_at(qg, ckv.outlier_channels)
 
     def step(i, carry):
       m, l, acc = carry
       start = jnp.minimum(i * c, m_cap - c)      # the last chunk may overlap the one before: mask the overlap
       slot = start + jnp.arange(c)
       ok = (slot[None, None] >= i * c) & (slot[None, None] < fill[..., None])
-      m_c, p, l_c = _partial(_scores(qg, body_k, start, c, rows), ok)
+      m_c, p, l_c = _partial(_scores(qg, body_k, start, c, rows, q_out), ok)
       m_new = jnp.maximum(m, m_c)
       a, a_c = jnp.exp(m - m_new), jnp.exp(m_c - m_new)
       return m_new, l * a + l_c * a_c, acc * a[..., None] + _mix(p, body_v, start, c, rows) * a_c[..., None]

@@ -38,7 +38,9 @@ def _write_body(ckv: CompressedKV, stored, rows: jax.Array, first_slot: jax.Arra
   """
   n = rows.shape[2]
   if isinstance(stored, QuantizedTensor):
-    rows = quantize(rows, spec_of(stored), implementation=impl[0], interpret=impl[1])
+    # Outlier key channels (akv_jax.outliers): a flushed group is split on the channels chosen at prefill.
+    channels = ckv.outlier_channels if stored.outliers is not None else None
+    rows = quantize(rows, spec_of(stored), channels=channels, implementation=impl[0], interpret=impl[1])
   total = _body.flatten_leaf(ckv.body_pos).shape[1]
 
   def write(leaf, data):

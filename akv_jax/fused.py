@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from akv_jax import body as _body
+from akv_jax import outliers as _outliers
 from akv_jax import validation
 from akv_jax.cache import CompressedKV, QuantizedTensor
 from pallas_kernels import decode as _da
@@ -27,7 +28,7 @@ def body_format(ckv: CompressedKV) -> _da.Format:
     if ckv.body_k.axis != "channel":
       raise ValueError(f"the Pallas kernel reads keys quantized per channel (KIVI); this cache's keys are "
                        f"quantized per {ckv.body_k.axis!r}")
-    fields.update(key_bits=ckv.body_k.bits, key_group=ckv.body_k.group)
+    fields.update(key_bits=ckv.body_k.bits, key_group=ckv.body_k.group, key_outliers=ckv.body_k.num_outliers)
   if isinstance(ckv.body_v, QuantizedTensor):
     if ckv.body_v.axis != "token":
       raise ValueError(f"the Pallas kernel reads values quantized per token (KIVI); this cache's values are "
@@ -74,8 +75,11 @@ def _nonempty(x: jax.Array) -> jax.Array:
 
 
 def attend(q: jax.Array, ckv: CompressedKV, *, scale: float | None = None, interpret: bool = False,
-           splits: int | None = None) -> jax.Array:
-  """Fused attention of q [B, N, H] over ckv; the same result as the XLA reference up to f32 rounding."""
+           splits: int | None = None, num_warps: int | None = None) -> jax.Array:
+  """Fused attention of q [B, N, H] over ckv; the same result as the XLA reference up to f32 rounding.
+
+  splits, num_warps: the kernel's launch settings (default: its own; experiments/kernel_report.py compares them).
+  """
   b, kh, h = validation.compressed(ckv)
   validation.queries(q, b, kh, h, name="q", ranks=(3,))
   check_supported(q, ckv, False)
@@ -92,6 +96,8 @@ def attend(q: jax.Array, ckv: CompressedKV, *, scale: float | None = None, inter
     body_k, body_v = dummy, dummy
   else:
     body_k = (ckv.body_k.codes, ckv.body_k.scale, ckv.body_k.zero) if fmt.key_bits != _da.RAW else ckv.body_k
+    if fmt.key_outliers:
+      body_k = (*body_k, ckv.body_k.outliers)
     body_v = (ckv.body_v.codes, ckv.body_v.scale, ckv.body_v.zero) if fmt.value_bits != _da.RAW else ckv.body_v
   # Values run ahead of keys by fewer than one key group (decode.append's residual rule).
   patch_rows = fmt.key_group if (fmt.key_bits != _da.RAW and m) else 0
@@ -100,8 +106,9 @@ def attend(q: jax.Array, ckv: CompressedKV, *, scale: float | None = None, inter
   patch_len = ckv.value_fill - ckv.key_fill if patch_rows else jnp.zeros_like(ckv.key_fill)
   lengths = jnp.stack([jnp.broadcast_to(ckv.sink_fill[:, None], (b, kh)), ckv.key_fill, patch_len,
                        ckv.recent_fill], axis=-1)
+  q_out = _outliers.queries_at(qg, ckv.outlier_channels) if fmt.key_outliers else None
   o, mx, l = _da.decode_attention(
       qg, _nonempty(ckv.sink_k), _nonempty(ckv.sink_v), body_k, body_v, _nonempty(ckv.recent_k),
-      _nonempty(ckv.recent_v), _nonempty(patch_v), lengths, ckv.page_table if m else None, fmt=fmt,
-      splits=splits, interpret=interpret)
+      _nonempty(ckv.recent_v), _nonempty(patch_v), lengths, ckv.page_table if m else None, q_out, fmt=fmt,
+      splits=splits, interpret=interpret, **({} if num_warps is None else dict(num_warps=num_warps)))
   return _da.combine(o, mx, l, g).reshape(b, n, h).astype(q.dtype)

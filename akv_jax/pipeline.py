@@ -10,11 +10,13 @@ new prompt length of the same capacity S does not retrace.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from akv_jax import body as _body
+from akv_jax import outliers as _outliers
 from akv_jax import rotation as _rotation
 from akv_jax import selection, validation
 from akv_jax.cache import CompressedKV, DenseKV
@@ -34,8 +36,16 @@ def _take(x: jax.Array, idx: jax.Array, valid: jax.Array) -> jax.Array:
   return jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 3)), out, jnp.zeros((), x.dtype))
 
 
-def _select(policy: Policy, lay: Layout, kv: DenseKV, scores, ws):
-  """Kept body tokens per head: (sorted indices i32[B, K, n], kept count i32[B, K], budgets or None)."""
+def _candidates(lay: Layout, scores: jax.Array, ws: jax.Array) -> jax.Array:
+  """Scores f32[B, K, S] of the tokens a selection may keep (past the sinks, before the window), -inf elsewhere."""
+  pos = jnp.arange(scores.shape[-1])[None, None, :]
+  return jnp.where((pos >= lay.n_sink) & (pos < ws[:, None, None]), scores, _NEG)
+
+
+def _select(policy: Policy, lay: Layout, kv: DenseKV, scores, ws, budget=None):
+  """Kept body tokens per head: (sorted indices i32[B, K, n], kept count i32[B, K], budgets or None).
+
+  budget: i32[B, K] tokens per head decided outside (a pooled layer group's split), for paged layouts."""
   b, kh, s, _ = kv.k.shape
   z = lay.n_sink
   avail = jnp.maximum(ws - z, 0)[:, None]  # [B, 1] candidates per row
@@ -49,14 +59,12 @@ def _select(policy: Policy, lay: Layout, kv: DenseKV, scores, ws):
     # A paged layout with no room for selected tokens (keep at the guard bands' floor) owns no budget pages.
     budget = jnp.zeros((b, kh), jnp.int32) if lay.paged else None
     return idx, jnp.minimum(avail, n) * jnp.ones((b, kh), jnp.int32), budget
-  pos = jnp.arange(s)[None, None, :]
-  cand = (pos >= z) & (pos < ws[:, None, None])
-  masked = jnp.where(cand, scores, _NEG)
-  if lay.paged:
+  masked = _candidates(lay, scores, ws)
+  if budget is None and lay.paged:
     total = kh * lay.budget_pages * lay.page_size
     budget = selection.adakv_head_budgets(masked, total, alpha=policy.budget.alpha, granularity=lay.page_size,
                                           cap=n)
-  else:
+  elif budget is None:
     budget = jnp.full((b, kh), n, jnp.int32)
   vals, idx = jax.lax.top_k(masked, n)
   rank = jnp.arange(n)[None, None, :]
@@ -67,20 +75,28 @@ def _select(policy: Policy, lay: Layout, kv: DenseKV, scores, ws):
   return idx, count, (budget if lay.paged else None)
 
 
-def _page_table(lay: Layout, budget: jax.Array) -> jax.Array:
-  """i32[B, K, P_max]: head h owns its budget pages packed after the heads before it, then its reserve pages."""
+def _page_table(lay: Layout, budget: jax.Array, first: jax.Array | None = None) -> jax.Array:
+  """i32[B, K, P_max]: head h owns its budget pages packed after the heads before it, then its reserve pages.
+
+  first: i32[B] the pool page this layer's pages start at (a pooled layer group; its selected pages then
+  take what they were given, and the reserve pages follow them), or None: a pool of this layer alone."""
   b, kh = budget.shape
   pages = budget // lay.page_size
   start = jnp.cumsum(pages, axis=-1) - pages
   p = jnp.arange(lay.max_pages)[None, None, :]
   reserve_base = kh * lay.budget_pages + jnp.arange(kh)[None, :, None] * lay.reserve_pages
+  if first is not None:
+    start = start + first[:, None]
+    reserve_base = (first + jnp.sum(pages, axis=-1))[:, None, None] + jnp.arange(kh)[None, :, None] * lay.reserve_pages
   own = jnp.where(p < pages[..., None], start[..., None] + p,
                   jnp.where(p < pages[..., None] + lay.reserve_pages, reserve_base + p - pages[..., None], -1))
   return own.astype(jnp.int32)
 
 
-def _to_pool(leaf: jax.Array, table: jax.Array, pool_pages: int) -> jax.Array:
-  """Per-head body leaf [B, K, P_max * r, ...] -> pooled [B, 1, pool_pages * r, ...] through the page table."""
+def _to_pool(leaf: jax.Array, table: jax.Array, pool_pages: int, into: jax.Array | None = None) -> jax.Array:
+  """Per-head body leaf [B, K, P_max * r, ...] -> pooled [B, 1, pool_pages * r, ...] through the page table.
+
+  into: the pool this layer joins (a pooled layer group), whose pages the table does not own are kept."""
   b, kh = table.shape[:2]
   max_pages = table.shape[-1]
   rows = leaf.shape[2] // max_pages
@@ -92,13 +108,16 @@ def _to_pool(leaf: jax.Array, table: jax.Array, pool_pages: int) -> jax.Array:
   src = jax.vmap(lambda s_, t: s_.at[t].set(jnp.arange(t.shape[0], dtype=jnp.int32), mode="drop"))(src, flat)
   x = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
   out = jnp.take_along_axis(x, src.reshape(b, pool_pages, *([1] * (x.ndim - 2))), axis=1)
+  if into is not None:
+    owned = (src < kh * max_pages).reshape(b, pool_pages, *([1] * (x.ndim - 2)))
+    out = jnp.where(owned, out, into[:, 0].reshape(out.shape))
   return out.reshape(b, 1, pool_pages * rows, *leaf.shape[3:])
 
 
-def _store(x: jax.Array, spec, valid: jax.Array):
+def _store(x: jax.Array, spec, valid: jax.Array, channels=None):
   if spec is None:
     return x
-  return quantize(x, spec, valid)
+  return quantize(x, spec, valid, channels=channels if spec.outliers else None)
 
 
 def _scores(policy: Policy, lay: Layout, kv: DenseKV, obs: Observations) -> jax.Array | None:
@@ -109,8 +128,14 @@ def _scores(policy: Policy, lay: Layout, kv: DenseKV, obs: Observations) -> jax.
   return scorer.score(kv, obs)
 
 
-def _compress(kv: DenseKV, obs: Observations, signs, policy: Policy, lay: Layout) -> CompressedKV:
-  """signs: int8[K, 2, H] of the rotated storage (akv_jax.rotation), or None."""
+def _compress(kv: DenseKV, obs: Observations, signs, policy: Policy, lay: Layout, group=None,
+              pool_pages: int | None = None) -> CompressedKV:
+  """signs: int8[K, 2, H] of the rotated storage (akv_jax.rotation), or None.
+
+  group: for a layer of a pooled group (akv_jax.pooled), (scores f32[B, K, S] as `_scores` gives them,
+  budget i32[B, K] tokens per head, first i32[B] the layer's first pool page, pool: the group's LayerPool so
+  far or None); pool_pages (static) is then the group pool's pages per row. The returned view's body is the
+  group pool with this layer's pages written."""
   b, kh, s, h = validation.dense(kv, per_row_lengths=True)
   if policy.scorer is not None:
     policy.scorer.check_observations(obs, b, kh, h, s)
@@ -121,14 +146,24 @@ def _compress(kv: DenseKV, obs: Observations, signs, policy: Policy, lay: Layout
   lengths = jnp.asarray(kv.lengths, jnp.int32)
   ws = jnp.maximum(z, lengths - lay.recent)                       # [B] window start
   w = jnp.maximum(lengths - ws, 0)                                # [B] window tokens
-  scores = _scores(policy, lay, kv, obs)
-  sel_idx, count, budget = _select(policy, lay, kv, scores, ws)
+  if group is None:
+    scores, given, first, into = _scores(policy, lay, kv, obs), None, None, None
+  else:
+    scores, given, first, into = group
+  sel_idx, count, budget = _select(policy, lay, kv, scores, ws, given)
   rot = None
   if signs is not None:
     # Selected from the tokens as they are; stored rotated (every part, so one query rotation serves them all).
     rot = jnp.broadcast_to(signs[None], (b,) + signs.shape)
     kv = dataclasses.replace(kv, k=_rotation.rotate(kv.k, rot[:, :, 0]).astype(kv.k.dtype),
                              v=_rotation.rotate(kv.v, rot[:, :, 1]).astype(kv.v.dtype))
+  channels = None
+  if lay.key_spec is not None and lay.key_spec.outliers:
+    # Chosen from this prompt's keys (in the basis they are stored in) and observation queries.
+    q_obs = obs.queries
+    if q_obs is not None and rot is not None:
+      q_obs = _rotation.rotate_queries(q_obs, rot[:, :, 0]).astype(q_obs.dtype)
+    channels = _outliers.choose(kv.k, kv.valid(), lay.key_spec.outliers, q_obs, group=lay.key_spec.group)
   n = sel_idx.shape[-1]
   kb = (count // u) * u                                          # keys quantized in whole groups
   vb = count
@@ -138,7 +173,7 @@ def _compress(kv: DenseKV, obs: Observations, signs, policy: Policy, lay: Layout
   slot = jnp.arange(m_heads, dtype=jnp.int32)[None, None, :]
   body_idx = jnp.pad(sel_idx, ((0, 0), (0, 0), (0, max(m_heads - n, 0))), constant_values=s)[..., :m_heads]
   kvalid, vvalid = slot < kb[..., None], slot < vb[..., None]
-  body_k = _store(_take(kv.k, body_idx, kvalid), lay.key_spec, kvalid)
+  body_k = _store(_take(kv.k, body_idx, kvalid), lay.key_spec, kvalid, channels)
   body_v = _store(_take(kv.v, body_idx, vvalid), lay.value_spec, vvalid)
   positions = kv.token_positions()
   body_pos = jnp.where(vvalid, _take(positions, body_idx, vvalid), -1)
@@ -162,12 +197,18 @@ def _compress(kv: DenseKV, obs: Observations, signs, policy: Policy, lay: Layout
 
   page_table, page_size = None, 1
   if lay.paged:
-    page_table, page_size = _page_table(lay, budget), lay.page_size
-    pool = lay.pool_pages(kh)
-    body_k, body_v, body_pos = jax.tree_util.tree_map(
-        lambda leaf: _to_pool(leaf, page_table, pool), (body_k, body_v, body_pos))
-    # Pool pages no head owns (none when the budgets sum exactly) read as empty.
-    body_pos = jnp.where(_to_pool(vvalid, page_table, pool), body_pos, -1)
+    page_table, page_size = _page_table(lay, budget, first), lay.page_size
+    pool = lay.pool_pages(kh) if pool_pages is None else pool_pages
+    if into is None:
+      body_k, body_v, body_pos = jax.tree_util.tree_map(
+          lambda leaf: _to_pool(leaf, page_table, pool), (body_k, body_v, body_pos))
+      # Pool pages no head owns (none when the budgets sum exactly; in a pooled group, the pages of the layers
+      # not yet written) read as empty.
+      body_pos = jnp.where(_to_pool(vvalid, page_table, pool), body_pos, -1)
+    else:   # a later layer of a pooled group: the pages it does not own keep what the layers before it wrote
+      body_k, body_v, body_pos = jax.tree_util.tree_map(
+          lambda leaf, acc: _to_pool(leaf, page_table, pool, acc), (body_k, body_v, body_pos),
+          (into.body_k, into.body_v, into.body_pos))
 
   state = None
   if policy.decode.state_type is not None:
@@ -185,11 +226,21 @@ def _compress(kv: DenseKV, obs: Observations, signs, policy: Policy, lay: Layout
       recent_k=recent_k, recent_v=recent_v, recent_pos=recent_pos.astype(jnp.int32),
       recent_fill=recent_fill.astype(jnp.int32), sink_fill=sink_fill, next_pos=lengths,
       dropped=jnp.zeros((b, kh), jnp.int32), page_table=page_table, state=state, rotation=rot,
-      page_size=page_size)
+      outlier_channels=channels, page_size=page_size)
 
 
 # Compiled per (policy, layout), not per layer: layers whose budgets and bits agree share one program.
-_compress_jit = jax.jit(_compress, static_argnames=("policy", "lay"))
+_compress_jit = jax.jit(_compress, static_argnames=("policy", "lay", "pool_pages"))
+
+
+@functools.partial(jax.jit, static_argnames=("policy", "lay"))
+def _group_scores(kv: DenseKV, obs: Observations, policy: Policy, lay: Layout) -> tuple[jax.Array, jax.Array]:
+  """A layer's selection scores and its candidates' scores (what a pooled group's split ranks), f32[B, K, S]."""
+  validation.dense(kv, per_row_lengths=True)
+  policy.scorer.check_observations(obs, *kv.k.shape[:2], kv.k.shape[3], kv.k.shape[2])
+  scores = _scores(policy, lay, kv, obs)
+  ws = jnp.maximum(lay.n_sink, jnp.asarray(kv.lengths, jnp.int32) - lay.recent)
+  return scores, _candidates(lay, scores, ws)
 
 
 def compress(kv: DenseKV, policy: Policy, *, queries: jax.Array | None = None, votes: jax.Array | None = None,
@@ -219,10 +270,10 @@ def compress(kv: DenseKV, policy: Policy, *, queries: jax.Array | None = None, v
     CompressedKV holding only the kept tokens, at the layer's precision.
   """
   _, kh, s, h = validation.dense(kv, per_row_lengths=True)
-  if policy.budget.target is not None:
-    from akv_jax import ratios  # noqa: PLC0415 (ratios measures policies through this module)
-    policy = ratios.resolve_target(policy, ratios.CacheShape(s=s, num_layers=num_layers, kv_heads=kh, head_dim=h),
-                                   reserve=reserve)
+  if policy.budget.pooled_layers:
+    raise ValueError(f"policy {policy.name!r} splits its budget across layers (budget={policy.budget.name!r}): "
+                     "compress all layers together with compress_layers")
+  policy = _resolved(policy, s, kh, h, num_layers, reserve)
   lay = policy.layout(s, layer, num_layers, reserve=reserve)
   obs = Observations(queries=queries, votes=votes,
                      inv_freq=None if inv_freq is None else jnp.asarray(inv_freq, jnp.float32))
@@ -230,10 +281,18 @@ def compress(kv: DenseKV, policy: Policy, *, queries: jax.Array | None = None, v
   return _compress_jit(kv, obs, signs, policy=policy, lay=lay)
 
 
-def compress_layers(kvs, policy: Policy, *, queries=None, votes=None, inv_freq=None,
-                    reserve: int = 0) -> tuple[CompressedKV, ...]:
+def _resolved(policy: Policy, s: int, kh: int, h: int, num_layers: int, reserve: int) -> Policy:
+  """The policy with a byte target resolved to the keep that meets it on this shape (itself without one)."""
+  if policy.budget.target is None:
+    return policy
+  from akv_jax import ratios  # noqa: PLC0415 (ratios measures policies through this module)
+  return ratios.resolve_target(policy, ratios.CacheShape(s=s, num_layers=num_layers, kv_heads=kh, head_dim=h),
+                               reserve=reserve)
+
+
+def compress_layers(kvs, policy: Policy, *, queries=None, votes=None, inv_freq=None, reserve: int = 0):
   """Compresses per-layer DenseKV (with per-layer queries, or votes, or None; one inv_freq for the model) into a
-  multi-layer cache."""
+  multi-layer cache: a tuple of CompressedKV, or for a budget split across layers (`Adaptive`) a PooledCache."""
   num_layers = len(kvs)
   qs = queries if queries is not None else (None,) * num_layers
   vs = votes if votes is not None else (None,) * num_layers
@@ -241,8 +300,60 @@ def compress_layers(kvs, policy: Policy, *, queries=None, votes=None, inv_freq=N
     raise ValueError(f"got {len(qs)} query sets for {num_layers} layers")
   if len(vs) != num_layers:
     raise ValueError(f"got {len(vs)} vote sets for {num_layers} layers")
+  if policy.budget.pooled_layers:
+    return _compress_pooled(kvs, policy, qs, vs, inv_freq, reserve)
   return tuple(compress(kv, policy, queries=q, votes=v, inv_freq=inv_freq, layer=i, num_layers=num_layers,
                         reserve=reserve) for i, (kv, q, v) in enumerate(zip(kvs, qs, vs)))
+
+
+def _compress_pooled(kvs, policy: Policy, qs, vs, inv_freq, reserve: int):
+  """compress_layers for a budget split across the layers of each group (akv_jax.pooled).
+
+  The layers stored alike (equal layouts: same bits, groups and capacities) form a group. Its pages are split
+  among all its (layer, kv head) pairs by AdaKV's rule over their candidates' scores at once, row by row: the
+  pairs whose tokens hold the most attention mass get the pages, within `cap` times the mean and with `alpha` of
+  the mean kept by every pair. Then each layer is compressed with its heads' budgets into the group's pool, its
+  pages after those of the layers before it.
+  """
+  from akv_jax.pooled import LayerPool, PooledCache  # noqa: PLC0415 (pooled builds on the cache types only)
+
+  num_layers = len(kvs)
+  b, kh, s, h = validation.dense(kvs[0], per_row_lengths=True)
+  for i, kv in enumerate(kvs):
+    if tuple(kv.k.shape) != (b, kh, s, h):
+      raise ValueError(f"layer {i} has a cache of shape {kv.k.shape}, layer 0 {(b, kh, s, h)}: a pooled group "
+                       "needs one shape")
+  policy = _resolved(policy, s, kh, h, num_layers, reserve)
+  freq = None if inv_freq is None else jnp.asarray(inv_freq, jnp.float32)
+  obs = [Observations(queries=q, votes=v, inv_freq=freq) for q, v in zip(qs, vs)]
+  signs = [None if policy.rotation is None else jnp.asarray(_rotation.signs(policy.rotation, i, kh, h))
+           for i in range(num_layers)]
+  lays = [policy.layout(s, i, num_layers, reserve=reserve) for i in range(num_layers)]
+  members: dict[Layout, list[int]] = {}
+  for i, lay in enumerate(lays):
+    members.setdefault(lay, []).append(i)
+  group_of = [0] * num_layers
+  views = [None] * num_layers
+  for g, (lay, layers) in enumerate(members.items()):
+    q, n = lay.page_size, len(layers)
+    scored = [_group_scores(kvs[i], obs[i], policy, lay) for i in layers]
+    cap = (lay.max_pages - lay.reserve_pages) * q
+    total = n * kh * lay.budget_pages * q
+    if total:
+      split = selection.adakv_head_budgets(jnp.concatenate([c for _, c in scored], axis=1), total,
+                                           alpha=policy.budget.alpha, granularity=q, cap=cap)
+    else:
+      split = jnp.zeros((b, n * kh), jnp.int32)
+    split = split.reshape(b, n, kh)
+    pages = jnp.sum(split, axis=-1) // q + kh * lay.reserve_pages                       # [B, n]
+    first = jnp.cumsum(pages, axis=1) - pages
+    pool = None
+    for j, i in enumerate(layers):
+      view = _compress_jit(kvs[i], obs[i], signs[i], policy=policy, lay=lay,
+                           group=(scored[j][0], split[:, j], first[:, j], pool), pool_pages=n * lay.pool_pages(kh))
+      pool = LayerPool(body_k=view.body_k, body_v=view.body_v, body_pos=view.body_pos)
+      views[i], group_of[i] = view, g
+  return PooledCache.build(views, group_of)
 
 
 def logical_view(ckv: CompressedKV, dtype=jnp.float32):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from akv_jax import outliers as _outliers
 from akv_jax.decode_rules import DECODE_RULES, DecodeRule, KiviResidual
 from akv_jax.quant import QuantSpec, SUPPORTED_BITS
 from akv_jax.selection import base as _scorers
@@ -274,8 +275,12 @@ class Policy:
     return any(b is not None for b in bits)
 
   def needs(self, s: int) -> _scorers.Needs:
-    """What the policy's scorer reads for a prompt capacity of S tokens (nothing when it keeps every token)."""
-    return _scorers.Needs() if self.scorer is None else self.scorer.needs(s)
+    """What the policy's scorer reads for a prompt capacity of S tokens (nothing when it keeps every token), and
+    the observation queries that rank outlier key channels (akv_jax.outliers) when it has none of its own."""
+    needs = _scorers.Needs() if self.scorer is None else self.scorer.needs(s)
+    if self.keys is not None and self.keys.outliers and not needs.queries and needs.reconstruction is None:
+      needs = dataclasses.replace(needs, queries=min(_outliers.QUERIES, s))
+    return needs
 
   def to_dict(self) -> dict:
     """A JSON-ready description: each part with its registry name and its knobs."""
@@ -314,9 +319,9 @@ class Policy:
   def specs_for(self, layer: int, num_layers: int) -> tuple[QuantSpec | None, QuantSpec | None]:
     """(key spec, value spec) of one layer: its bits with the policy's group sizes (32 where none is set)."""
     kbits, vbits = self.bits_for(layer, num_layers)
-    kgroup, kaxis = (self.keys.group, self.keys.axis) if self.keys else (32, "channel")
+    kgroup, kaxis, kout = (self.keys.group, self.keys.axis, self.keys.outliers) if self.keys else (32, "channel", 0)
     vgroup = self.values.group if self.values else 32
-    return (None if kbits is None else QuantSpec(bits=kbits, group=kgroup, axis=kaxis),
+    return (None if kbits is None else QuantSpec(bits=kbits, group=kgroup, axis=kaxis, outliers=kout),
             None if vbits is None else QuantSpec(bits=vbits, group=vgroup, axis="token"))
 
   def recent_tokens(self, s: int) -> int:

@@ -8,13 +8,21 @@ Hybrid presets follow MiniKV's recipe (select once at prefill, then KIVI 2-bit) 
 4 bf16 sinks, a 128-token bf16 recent window (KIVI's residual; 64 for hybrid_12x, where its fixed cost
 would otherwise dominate at 8k) that also holds the SnapKV observation window,
 and layer 0 kept at more bits as a sensitive-layer guard band (a default, not yet tuned on a model).
+
+Storage modifiers follow a preset's name, each after a "+": `rot` stores keys and values rotated
+(akv_jax.rotation, seed 0; `rot<seed>` for another), `out<n>` holds n outlier key channels per kv head at 16 bits
+beside the codes (akv_jax.outliers). "kivi2+rot+out4" is kivi2 with both.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 from akv_jax.policy import Guards, Policy
 from akv_jax.quant import QuantSpec
-from akv_jax.selection import H2O, TOVA, AdaKV, ExpectedAttention, KNorm, KVzip, Pyramid, SnapKV, Streaming, Uniform
+from akv_jax.selection import (H2O, TOVA, AdaKV, Adaptive, ExpectedAttention, KNorm, KVzip, Pyramid, SnapKV,
+                               Streaming, Uniform)
 
 
 def _kivi(bits: int) -> dict:
@@ -33,6 +41,9 @@ PRESETS: dict[str, Policy] = {
     "pyramidkv": Policy(name="pyramidkv", scorer=SnapKV(window=32), budget=Pyramid(keep=0.25),
                         guards=Guards(recent=32)),
     "adakv": Policy(name="adakv", scorer=SnapKV(window=32), budget=AdaKV(keep=0.25), guards=Guards(recent=32)),
+    # AdaKV's split across the layers too, per request: one page pool per layer group (akv_jax.pooled).
+    "adaptive": Policy(name="adaptive", scorer=SnapKV(window=32), budget=Adaptive(keep=0.25),
+                       guards=Guards(recent=32)),
     "h2o": Policy(name="h2o", scorer=H2O(), budget=Uniform(keep=0.2), guards=Guards(recent=0, recent_frac=0.1)),
     "tova": Policy(name="tova", scorer=TOVA(), budget=Uniform(keep=0.25), guards=Guards(recent=32)),
     "knorm": Policy(name="knorm", scorer=KNorm(), budget=Uniform(keep=0.25), guards=Guards(recent=32)),
@@ -65,9 +76,28 @@ def names() -> tuple[str, ...]:
   return tuple(PRESETS)
 
 
+_MODIFIER = re.compile(r"(rot)(\d*)|(out)(\d+)")
+
+
+def _modified(pol: Policy, name: str, modifier: str) -> Policy:
+  m = _MODIFIER.fullmatch(modifier)
+  if m is None:
+    raise ValueError(f"policy {name!r}: unknown storage modifier {modifier!r}; use rot, rot<seed> or out<n>")
+  if m.group(1):
+    return dataclasses.replace(pol, rotation=int(m.group(2) or 0))
+  if pol.keys is None:
+    raise ValueError(f"policy {name!r}: +{modifier} holds outlier key channels beside quantized keys, but "
+                     f"{pol.name!r} keeps its keys in bf16")
+  return dataclasses.replace(pol, keys=dataclasses.replace(pol.keys, outliers=int(m.group(4))))
+
+
 def get(name: str) -> Policy:
-  """The preset policy called `name` (see `names()`)."""
+  """The preset policy called `name` (see `names()`), with any storage modifiers ("kivi2+rot+out4")."""
+  base, *modifiers = name.split("+")
   try:
-    return PRESETS[name]
+    pol = PRESETS[base]
   except KeyError:
-    raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+    raise ValueError(f"unknown preset {base!r}; choose one of {', '.join(PRESETS)}") from None
+  for modifier in modifiers:
+    pol = _modified(pol, name, modifier)
+  return dataclasses.replace(pol, name=name) if modifiers else pol

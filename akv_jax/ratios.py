@@ -46,7 +46,12 @@ class CacheShape:
 
 
 def held_bytes(policy: Policy, shape: CacheShape, *, reserve: int = 0, window: int = 32) -> int:
-  """Bytes every layer's compressed prefill cache holds for bf16 K/V of `shape` (reserve: decode room)."""
+  """Bytes every layer's compressed prefill cache holds for bf16 K/V of `shape` (reserve: decode room).
+
+  A budget split across layers (Adaptive) holds what its per-layer AdaKV rule holds: a group's pool is the sum
+  of its layers' pools, and each layer keeps the same page table (tests/library/test_pooled.py)."""
+  if policy.budget.pooled_layers:
+    policy = dataclasses.replace(policy, budget=policy.budget.per_layer())
   b, kh, s, h = shape.batch, shape.kv_heads, shape.s, shape.head_dim
   kv = DenseKV(k=jax.ShapeDtypeStruct((b, kh, s, h), jnp.bfloat16), v=jax.ShapeDtypeStruct((b, kh, s, h), jnp.bfloat16),
                lengths=jax.ShapeDtypeStruct((b,), jnp.int32))

@@ -56,13 +56,16 @@ def step_layout(ckv: akv.CompressedKV) -> tuple[int, int]:
   return fused.body_format(ckv).block, 1
 
 
-def fused_rows(policy: str, *, b: int, s: int) -> list[dict]:
-  """One row per Triton module of the fused attention (today exactly one)."""
+def fused_rows(policy: str, *, b: int, s: int, num_warps: int | None = None) -> list[dict]:
+  """One row per Triton module of the fused attention (today exactly one); num_warps: the kernel's default
+  when None, else that many warps per program (the row's label says so)."""
   ckv = compressed_shapes(policy, b=b, s=s)
   q = jax.ShapeDtypeStruct((b, Q_HEADS, HEAD_DIM), jnp.bfloat16)
   tokens, heads = step_layout(ckv)
-  modules = cost.capture_triton_modules(lambda q, c: fused.attend(q, c, interpret=False), q, ckv)
-  return [dict(policy=policy, **cost.kernel_cost(m, tokens_per_step=tokens, kv_heads_per_program=heads).to_dict())
+  modules = cost.capture_triton_modules(lambda q, c: fused.attend(q, c, interpret=False, num_warps=num_warps),
+                                        q, ckv)
+  label = policy if num_warps is None else f"{policy} ({num_warps} warps)"
+  return [dict(policy=label, **cost.kernel_cost(m, tokens_per_step=tokens, kv_heads_per_program=heads).to_dict())
           for m in modules]
 
 
@@ -148,12 +151,16 @@ def main(argv=None) -> dict:
   parser.add_argument("--seq", type=int, default=16384, help="prompt tokens S")
   parser.add_argument("--batch", type=int, default=8, help="rows B")
   parser.add_argument("--policies", default="kivi2,hybrid_8x,hybrid_12x")
+  parser.add_argument("--num_warps", default="",
+                      help="comma-separated warps per program to report each policy at (default: the kernel's)")
   parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                       help="also report JAX's Pallas GQA decode kernel on the dense cache")
   args = parser.parse_args(argv)
   start = time.perf_counter()
   rows = []
-  jobs = [functools.partial(fused_rows, p, b=args.batch, s=args.seq) for p in args.policies.split(",")]
+  warps = [int(w) for w in args.num_warps.split(",")] if args.num_warps else [None]
+  jobs = [functools.partial(fused_rows, p, b=args.batch, s=args.seq, num_warps=w)
+          for p in args.policies.split(",") for w in warps]
   if args.baseline:
     jobs.append(functools.partial(gqa_rows, b=args.batch, s=args.seq))
   for job in jobs:

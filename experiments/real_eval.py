@@ -148,7 +148,7 @@ def _round_up(x: int, unit: int) -> int:
   return -(-x // unit) * unit
 
 
-def _pad(rows: Sequence[Sequence[int]], width: int) -> tuple[jax.Array, jax.Array]:
+def pad_rows(rows: Sequence[Sequence[int]], width: int) -> tuple[jax.Array, jax.Array]:
   """Token rows -> (right-padded i32[B, width], lengths i32[B])."""
   out = np.zeros((len(rows), width), np.int32)
   for i, r in enumerate(rows):
@@ -232,12 +232,12 @@ def accuracy(model: RealModel, policies: Sequence[akv.Policy], samples: Sequence
   for group, real in tqdm(batches[state["batches"]:], desc=f"tasks ({mode})", disable=not progress,
                           mininterval=10, initial=state["batches"], total=len(batches)):
     if mode == "aware":
-      tokens, lengths = _pad([s.context_ids + s.question_ids for s in group], width)
+      tokens, lengths = pad_rows([s.context_ids + s.question_ids for s in group], width)
       suffix = suffix_lengths = None
       reserve = new
     else:
-      tokens, lengths = _pad([s.context_ids for s in group], width)
-      suffix, suffix_lengths = _pad([s.question_ids for s in group], qwidth)
+      tokens, lengths = pad_rows([s.context_ids for s in group], width)
+      suffix, suffix_lengths = pad_rows([s.question_ids for s in group], qwidth)
       reserve = new + suffix.shape[1]
     logits, caches = models.prefill_many(model.config, model.params, tokens, lengths, policies, reserve=reserve,
                                          reconstruction=recon)

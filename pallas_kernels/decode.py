@@ -28,7 +28,9 @@ Packed codes: n = 8 / bits codes per byte; byte j of a row holds head-dim elemen
 i of the unpacked row is the contiguous head-dim range [i H/n, (i + 1) H/n): q.k is a sum of n dots over ref
 slices of q, and each value chunk (one byte range, one scale column) writes its own output columns, with no value
 slicing or concatenation (which Triton rejects). 3-bit codes are a 2-bit plane and a 1-bit plane side by side
-(quant_reference.pack): 8 sub-blocks of H/8, each from three byte ranges (H >= 128, so a sub-block fills a dot).
+(quant_reference.pack): 8 sub-blocks of H/8, each from three byte ranges (H >= 128, so a sub-block fills a dot);
+where a sub-block is narrower than a value scale column, values are read two sub-blocks at a time (`_paired_codes`),
+so each value dot is wide enough to share among the warps.
 
 Long caches split along the sequence (flash-decoding): program j of (b, k) takes the j-th share of body and
 recent blocks (split 0 also the sinks and the patch) and writes an unnormalized partial output with its row max
@@ -74,6 +76,8 @@ class Format:
     key_group: tokens per key scale row (KIVI keys: one scale per channel per group); also the body block.
     value_bits: 2, 4 or 8 for packed values quantized per token, or 16 for bf16 rows.
     value_group: channels per value scale column.
+    key_outliers: O outlier key channels held in bf16 beside quantized keys ([M, O], their codes decode to 0):
+      each adds q[c] * k[c] to a slot's score.
     page_size: tokens per page when the body is a page pool read through a page table, else 0.
     block: body slots per loop step: a power of 2 >= 16 and a multiple of key_group (quantized keys) and of
       page_size (paged bodies: a step gathers block / page_size pages).
@@ -83,6 +87,7 @@ class Format:
   key_group: int = 32
   value_bits: int = RAW
   value_group: int = 32
+  key_outliers: int = 0
   page_size: int = 0
   block: int = 128
 
@@ -101,14 +106,26 @@ class Format:
                        "(a page is one key group)")
     if self.block < _MIN_ROWS:
       raise ValueError(f"block={self.block} must be >= {_MIN_ROWS}")
+    if self.key_outliers < 0 or (self.key_outliers and self.key_bits == RAW):
+      raise ValueError(f"key_outliers={self.key_outliers} must be >= 0, and 0 for bf16 keys "
+                       f"(key_bits={self.key_bits})")
     for name, unit in (("key_group", self.key_group if self.key_bits != RAW else 1), ("page_size", self.page_size)):
       if unit and self.block % unit:
         raise ValueError(f"block={self.block} must be a multiple of {name}={unit}")
 
+  def paired_values(self, h: int) -> bool:
+    """3-bit values whose sub-blocks are narrower than a scale column: two neighbouring sub-blocks (the two halves
+    of the 2-bit plane at one shift) are read as one chunk, so a chunk's dot is 2 H/8 channels wide. A [16, 16]
+    output (H = 128) is too small to share out among the warps of a program: each would compute all of it."""
+    return self.value_bits == 3 and 2 * (h // 8) <= self.value_group
+
   def chunk(self, h: int) -> int:
-    """Output channels per value chunk: one byte range of the packed values under one scale column."""
+    """Output channels per value chunk: one byte range of the packed values under one scale column (two
+    sub-blocks for paired 3-bit values)."""
     if self.value_bits == RAW:
       return h
+    if self.paired_values(h):
+      return 2 * (h // 8)
     return min(h // quant_reference.sub_block_count(self.value_bits), self.value_group)
 
 
@@ -130,6 +147,17 @@ def _load_packed(load, bits: int, h: int, off: int, width: int) -> tuple[jax.Arr
     return (load(off, width).astype(jnp.int32),)
   w = h // 8
   return tuple(load(plane * w + off, width).astype(jnp.int32) for plane in range(3))
+
+
+def _paired_codes(low: jax.Array, high: jax.Array, pair: int) -> jax.Array:
+  """3-bit codes of sub-blocks 2 pair and 2 pair + 1 side by side, [rows, 2 H/8] as exact f16, from the whole
+  2-bit plane `low` (int32 [rows, H/4]: its two halves are those sub-blocks' low bits at one shift) and the 1-bit
+  plane read twice over, `high` (int32 [rows, H/4], column c from byte c % (H/8)): the high bit of column c is bit
+  2 pair + c // (H/8)."""
+  w = low.shape[1] // 2
+  shift = 2 * pair + (jnp.arange(2 * w) >= w).astype(jnp.int32)
+  c = ((low >> (2 * pair)) & 3) | (((high >> shift[None, :]) & 1) << 2)
+  return jax.lax.bitcast_convert_type((c | _MAGIC_BITS).astype(jnp.int16), jnp.float16) - _MAGIC
 
 
 def _codes(packed: tuple[jax.Array, ...], index: int, bits: int) -> jax.Array:
@@ -179,6 +207,13 @@ class _Rows:
       return plgpu.load(ref.at[pl.ds(self.first, self.rows), col], mask=self.valid, other=0)
     return plgpu.load(ref.at[jnp.minimum(self.slot, ref.shape[0] - 1), col], mask=self.valid, other=0)
 
+  def gather(self, ref, cols: jax.Array):
+    """ref[slot, cols] for each slot and the column indices i32[width], masked to valid slots."""
+    width = cols.shape[0]
+    mask = jnp.broadcast_to(self.valid[:, None], (self.rows, width))
+    row = self.first + jnp.arange(self.rows) if self.slot is None else jnp.minimum(self.slot, ref.shape[0] - 1)
+    return plgpu.load(ref.at[row[:, None], cols[None, :]], mask=mask, other=0)
+
   def __call__(self, ref, col: int, width: int):
     """ref[slot, col:col + width] for each slot, masked to valid slots (zeros elsewhere)."""
     mask = jnp.broadcast_to(self.valid[:, None], (self.rows, width))
@@ -190,9 +225,13 @@ class _Rows:
 
 def _chunks(fmt: Format, h: int) -> list[tuple[int, int, int]]:
   """The output column chunks (byte offset, sub-block, first channel): each chunk is `fmt.chunk(h)` channels that
-  one value scale column and one byte range of the packed codes cover."""
+  one value scale column and one byte range of the packed codes cover (paired 3-bit values: sub-block is the
+  pair j, sub-blocks 2j and 2j + 1)."""
   if fmt.value_bits == RAW:
     return [(0, 0, 0)]
+  if fmt.paired_values(h):
+    u = fmt.chunk(h)
+    return [(0, j, j * u) for j in range(h // u)]
   n = quant_reference.sub_block_count(fmt.value_bits)
   sub, u = h // n, fmt.chunk(h)
   return [(off, i, i * sub + off) for off in range(0, sub, u) for i in range(n)]
@@ -214,12 +253,14 @@ def _kernel(fmt: Format, splits: int, side_block: int, g: int, *refs):
   # Refs, per program (b, k, j):
   #   q_ref [Gp, H] f32 (scaled); lens_ref i32[4] = (sink_len, body_len, patch_len, recent_len)
   #   sink_k_ref, sink_v_ref [Z, H]; recent_k_ref, recent_v_ref [R, H]; patch_v_ref [F, H]
-  #   body key refs: codes u8[M, H*kb/8], scale f16[M/gk, H], zero f16[M/gk, H]  (or one bf16 [M, H])
+  #   body key refs: codes u8[M, H*kb/8], scale f16[M/gk, H], zero f16[M/gk, H]  (or one bf16 [M, H]),
+  #     then outliers bf16[M, O] and their queries q_out_ref f32[Gp, O] (scaled) when fmt.key_outliers
   #   body value refs: codes u8[M, H*vb/8], scale f16[M, H/gv], zero f16[M, H/gv] (or one bf16 [M, H])
   #   table_ref i32[P_max] when paged; then o_ref [Gp, H] f32 (rows < G written), m_ref, l_ref f32[Gp].
   it = iter(refs)
   q_ref, lens_ref, sink_k_ref, sink_v_ref, recent_k_ref, recent_v_ref, patch_v_ref = (next(it) for _ in range(7))
   k_refs = (next(it),) if fmt.key_bits == RAW else (next(it), next(it), next(it))
+  out_ref, q_out_ref = (next(it), next(it)) if fmt.key_outliers else (None, None)
   v_refs = (next(it),) if fmt.value_bits == RAW else (next(it), next(it), next(it))
   table_ref = next(it) if fmt.page_size else None
   o_ref, m_ref, l_ref = next(it), next(it), next(it)
@@ -281,6 +322,10 @@ def _kernel(fmt: Format, splits: int, side_block: int, g: int, *refs):
         k = _codes(packed, sub, fmt.key_bits) * scale + zero
         part = dot_nt(q16[sub], k)
         s = part if s is None else s + part
+      # Outlier channels (their codes decode to 0): O outer products in f32, too narrow for a dot.
+      for c in range(fmt.key_outliers):
+        qc = q_out_ref[:, pl.ds(c, 1)] * _LOG2E                             # [Gp, 1]
+        s = s + qc * rows.column(out_ref, c).astype(jnp.float32)[None, :]
     if fmt.value_bits == RAW:
       mix = raw_mix(lambda col, w: rows(v_refs[0], col, w))
     else:
@@ -289,17 +334,23 @@ def _kernel(fmt: Format, splits: int, side_block: int, g: int, *refs):
       codes_ref, scale_ref, zero_ref = v_refs
       gv = fmt.value_group
 
+      paired = fmt.paired_values(h)
+      if paired:   # the whole 2-bit plane, and the 1-bit plane read twice over (_paired_codes)
+        w8 = h // 8
+        low = rows(codes_ref, 0, 2 * w8).astype(jnp.int32)
+        high = rows.gather(codes_ref, 2 * w8 + jnp.arange(2 * w8) % w8).astype(jnp.int32)
+
       def mix(p):
         out, loaded = [], {}
         for off, sub, first_ch in chunks:
-          if off not in loaded:
+          if not paired and off not in loaded:
             loaded[off] = _load_packed(lambda col, w: rows(codes_ref, col, w), fmt.value_bits, h, off, u)
           col = first_ch // gv
           scale = rows.column(scale_ref, col).astype(jnp.float32)      # [t]
           zero = rows.column(zero_ref, col).astype(jnp.float32)
           ps = (p * scale[None, :]).astype(jnp.float16)
           pz = jnp.sum(p * zero[None, :], axis=1, keepdims=True)     # [Gp, 1]
-          c = _codes(loaded[off], sub, fmt.value_bits)
+          c = _paired_codes(low, high, sub) if paired else _codes(loaded[off], sub, fmt.value_bits)
           out.append(dot_nn(ps, c) + pz)
         return out
     return _update(state, s, valid, mix)
@@ -350,7 +401,14 @@ def _body_arrays(fmt: Format, body_k, body_v) -> list:
   return ks + vs
 
 
-def validate(q, sink_k, body_k, body_v, recent_k, patch_v, lengths, page_table, fmt: Format) -> None:
+def _key_names(fmt: Format) -> tuple[str, ...]:
+  if fmt.key_bits == RAW:
+    return ("body key",)
+  return ("body key", "body key scale", "body key zero") + (("body key outliers",) if fmt.key_outliers else ())
+
+
+def validate(q, sink_k, body_k, body_v, recent_k, patch_v, lengths, page_table, fmt: Format,
+             q_out=None) -> None:
   """Static checks (shapes, dtypes, layout) with the offending values in the message."""
   if q.ndim != 4:
     raise ValueError(f"q must be [B, K, G, H], got shape {q.shape}")
@@ -377,10 +435,22 @@ def validate(q, sink_k, body_k, body_v, recent_k, patch_v, lengths, page_table, 
     raise ValueError(f"page_table is {'missing' if page_table is None else 'given'} but page_size="
                      f"{fmt.page_size}")
   heads = 1 if fmt.page_size else kh
-  for name, x in zip(("body key", "body key scale", "body key zero") if fmt.key_bits != RAW else ("body key",),
-                     [body_k] if fmt.key_bits == RAW else body_k):
+  keys = [body_k] if fmt.key_bits == RAW else list(body_k)
+  if len(keys) != len(_key_names(fmt)):
+    raise ValueError(f"body_k must be ({', '.join(_key_names(fmt))}) for key_bits={fmt.key_bits}, key_outliers="
+                     f"{fmt.key_outliers}; got {len(keys)} arrays")
+  for name, x in zip(_key_names(fmt), keys):
     if x.ndim != 4 or x.shape[:2] != (b, heads):
       raise ValueError(f"{name} must be [B={b}, {heads}, ...], got shape {x.shape}")
+  if fmt.key_outliers:
+    o = fmt.key_outliers
+    if keys[3].shape[3] != o:
+      raise ValueError(f"body key outliers must be [..., O={o}], got shape {keys[3].shape}")
+    if q_out is None or q_out.shape != (b, kh, g, o):
+      raise ValueError(f"key_outliers={o} needs q_out f32[B={b}, K={kh}, G={g}, O={o}], got "
+                       f"{None if q_out is None else q_out.shape}")
+  elif q_out is not None:
+    raise ValueError("q_out is given but the format has no outlier key channels (key_outliers=0)")
   for name, x in zip(("body value", "body value scale", "body value zero") if fmt.value_bits != RAW else
                      ("body value",), [body_v] if fmt.value_bits == RAW else body_v):
     if x.ndim != 4 or x.shape[:2] != (b, heads):
@@ -416,8 +486,8 @@ def default_splits(fmt: Format, capacity: int, programs: int, *, sms: int = _SMS
 
 @functools.partial(jax.jit, static_argnames=("fmt", "splits", "side_block", "num_warps", "num_stages",
                                              "interpret"))
-def decode_attention(q, sink_k, sink_v, body_k, body_v, recent_k, recent_v, patch_v, lengths, page_table=None, *,
-                     fmt: Format, splits: int | None = None, side_block: int = 32, num_warps: int = 4,
+def decode_attention(q, sink_k, sink_v, body_k, body_v, recent_k, recent_v, patch_v, lengths, page_table=None,
+                     q_out=None, *, fmt: Format, splits: int | None = None, side_block: int = 32, num_warps: int = 4,
                      num_stages: int = 3, interpret: bool = False):
   """Partial attention of one query token per row over a compressed cache; merge with `combine`.
 
@@ -425,12 +495,14 @@ def decode_attention(q, sink_k, sink_v, body_k, body_v, recent_k, recent_v, patc
     q: f32[B, K, G, H] queries grouped by kv head, already multiplied by the softmax scale.
     sink_k, sink_v: bf16[B, K, Z, H].
     body_k: bf16[B, K', M, H], or (codes u8[B, K', M, H*kb/8], scale f16[B, K', M/gk, H], zero f16[...]) with
-      K' = K, or K' = 1 and M = pages * page_size for a page pool.
+      K' = K, or K' = 1 and M = pages * page_size for a page pool; with fmt.key_outliers = O also outliers
+      bf16[B, K', M, O] (the outlier channels, whose codes decode to 0).
     body_v: bf16[B, K', M, H], or (codes u8[B, K', M, H*vb/8], scale f16[B, K', M, H/gv], zero f16[...]).
     recent_k, recent_v: bf16[B, K, R, H].
     patch_v: bf16[B, K, F, H] values of recent slots [0, patch_len) (F >= the largest patch_len).
     lengths: i32[B, K, 4] = (sink_len, body_len, patch_len, recent_len) per head.
     page_table: i32[B, K, P_max] pool page of each head's logical page (paged formats only).
+    q_out: f32[B, K, G, O] q at each kv head's outlier key channels (scaled like q), when fmt.key_outliers.
     fmt: the body's static layout.
     splits: sequence splits per (row, kv head); default from `default_splits`.
 
@@ -438,11 +510,12 @@ def decode_attention(q, sink_k, sink_v, body_k, body_v, recent_k, recent_v, patc
     (o f32[B, K, S', Gp, H] unnormalized, or normalized when S' = 1 (rows >= G are padding, never written),
     m f32[B, K, S', Gp] row max in log2 units, l f32[B, K, S', Gp] row sum), S' splits.
   """
-  validate(q, sink_k, body_k, body_v, recent_k, patch_v, lengths, page_table, fmt)
+  validate(q, sink_k, body_k, body_v, recent_k, patch_v, lengths, page_table, fmt, q_out)
   b, kh, g, h = q.shape
   gp = max(_MIN_ROWS, 1 << (g - 1).bit_length())
   qp = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
   body = _body_arrays(fmt, body_k, body_v)
+  nk = len(_key_names(fmt))
   capacity = body[0].shape[2] if not fmt.page_size else page_table.shape[2] * fmt.page_size
   if splits is None:
     splits = default_splits(fmt, capacity, b * kh)
@@ -459,8 +532,13 @@ def decode_attention(q, sink_k, sink_v, body_k, body_v, recent_k, recent_v, patc
       return pl.BlockSpec((None, None, *x.shape[2:]), lambda i, k, j: (i, 0) + (0,) * (x.ndim - 2))
     return head_spec(x)
 
-  args = [qp, lengths.astype(jnp.int32), sink_k, sink_v, recent_k, recent_v, patch_v, *body]
-  specs = [head_spec(x) for x in args[:7]] + [body_spec(x) for x in body]
+  args = [qp, lengths.astype(jnp.int32), sink_k, sink_v, recent_k, recent_v, patch_v, *body[:nk]]
+  specs = [head_spec(x) for x in args[:7]] + [body_spec(x) for x in body[:nk]]
+  if fmt.key_outliers:
+    args.append(jnp.pad(q_out.astype(jnp.float32), ((0, 0), (0, 0), (0, gp - g), (0, 0))))
+    specs.append(head_spec(args[-1]))
+  args += body[nk:]
+  specs += [body_spec(x) for x in body[nk:]]
   if fmt.page_size:
     args.append(page_table.astype(jnp.int32))
     specs.append(head_spec(page_table))
@@ -497,10 +575,10 @@ def combine(o: jax.Array, m: jax.Array, l: jax.Array, g: int) -> jax.Array:
 
 def _dequant(body, bits: int, group: int, axis: int) -> jax.Array:
   """Body keys (scales per `group` tokens, axis 2) or values (per `group` channels, axis 3) as f32, by the one
-  dequantize formula."""
+  dequantize formula (outlier key channels, when present, decode to 0 and are added separately)."""
   if bits == RAW:
     return body.astype(jnp.float32)
-  codes, scale, zero = body
+  codes, scale, zero = body[:3]
   return quant_reference.dequantize(codes, scale, zero, bits=bits, group=group,
                                     axis="channel" if axis == 2 else "token")
 
@@ -516,7 +594,7 @@ def _heads(x: jax.Array, page_table, fmt: Format) -> jax.Array:
 
 
 def decode_attention_reference(q, sink_k, sink_v, body_k, body_v, recent_k, recent_v, patch_v, lengths,
-                               page_table=None, *, fmt: Format) -> jax.Array:
+                               page_table=None, q_out=None, *, fmt: Format) -> jax.Array:
   """Plain-jnp attention with the same contract as decode_attention + combine: f32[B, K, G, H]."""
   keys_b = _heads(_dequant(body_k, fmt.key_bits, fmt.key_group, 2), page_table, fmt)
   vals_b = _heads(_dequant(body_v, fmt.value_bits, fmt.value_group, 3), page_table, fmt)
@@ -535,6 +613,11 @@ def decode_attention_reference(q, sink_k, sink_v, body_k, body_v, recent_k, rece
                            jnp.broadcast_to(slots(patch_k) < patch_len, patch_k.shape[:3]),
                            (slots(recent_k) >= patch_len) & (slots(recent_k) < recent_len)], axis=2)
   s = jnp.einsum("BKGH,BKSH->BKGS", q.astype(jnp.float32), keys, precision=jax.lax.Precision.HIGHEST)
+  if fmt.key_outliers:
+    held = _heads(body_k[3].astype(jnp.float32), page_table, fmt)                # [B, K, M, O]
+    extra = jnp.einsum("BKGO,BKSO->BKGS", q_out.astype(jnp.float32), held, precision=jax.lax.Precision.HIGHEST)
+    z, m = sink_k.shape[2], keys_b.shape[2]
+    s = s + jnp.pad(extra, ((0, 0), (0, 0), (0, 0), (z, s.shape[-1] - z - m)))
   s = jnp.where(valid[:, :, None], s, _MASKED)
   p = jnp.where(valid[:, :, None], jnp.exp(s - jnp.max(s, axis=-1, keepdims=True)), 0.0)
   total = jnp.sum(p, axis=-1, keepdims=True)

@@ -27,6 +27,7 @@ from akv_jax.cache import CompressedKV, DenseKV
 from akv_jax import dispatch
 from akv_jax.models.config import LlamaConfig, apply_rope, inverse_frequencies
 from akv_jax.policy import Policy
+from akv_jax.pooled import replace_layer
 from pallas_kernels import prefill_scores
 
 # attn_fn(layer, q [B, T, N, H], k [B, T, K, H], v [B, T, K, H]) -> (o [B, T, N, H], aux)
@@ -265,14 +266,21 @@ def _prefill(config: LlamaConfig, params, tokens, lengths, policy: Policy, reser
   rope = _rope_observation(config, needs)
   causal_attn = _prefill_attention(config, implementation, interpret, policy)
 
+  pooled = policy.budget.pooled_layers
+
   def attn(layer, q, k, v):
     o, votes = causal_attn(layer, q, k, v, lengths)
     kv = DenseKV(k=k.transpose(0, 2, 1, 3), v=v.transpose(0, 2, 1, 3), lengths=lengths)
-    ckv = akv.compress(kv, policy, layer=layer, num_layers=config.num_layers, reserve=reserve,
-                       **_observations(needs, q, lengths, s, votes, rope))
-    return o, ckv
+    obs = _observations(needs, q, lengths, s, votes, rope)
+    if pooled:   # a budget split across layers is allotted after the pass, once every layer is scored
+      return o, (kv, obs)
+    return o, akv.compress(kv, policy, layer=layer, num_layers=config.num_layers, reserve=reserve, **obs)
 
   hidden, cache = model.apply({"params": params}, tokens, positions, attn)
+  if pooled:
+    cache = akv.compress_layers(tuple(kv for kv, _ in cache), policy,
+                                queries=tuple(obs.get("queries") for _, obs in cache),
+                                votes=tuple(obs.get("votes") for _, obs in cache), reserve=reserve, **rope)
   last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
   return model.apply({"params": params}, last, method=Llama.logits), cache
 
@@ -411,7 +419,7 @@ def prefill_many(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Ar
   for pol in policies:
     need = needs[pol]
     rope = _rope_observation(config, need)
-    layers = []
+    layers, observed = [], []
     for layer, (kv, q_obs, votes, q_all) in enumerate(per_layer):
       if need.reconstruction is not None:
         obs = dict(votes=rebuilt[need.reconstruction][layer])
@@ -423,9 +431,17 @@ def prefill_many(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Ar
         obs = {}
       else:
         obs = dict(queries=q_obs[:, :, q_obs.shape[2] - min(need.queries, s):])
+      if pol.budget.pooled_layers:   # allotted across layers below, once every layer is scored
+        observed.append(obs)
+        continue
       layers.append(akv.compress(kv, pol, layer=layer, num_layers=config.num_layers, reserve=reserve, **obs,
                                  **rope))
-    caches.append(tuple(layers))
+    if pol.budget.pooled_layers:
+      caches.append(akv.compress_layers(
+          tuple(x[0] for x in per_layer), pol, queries=tuple(o.get("queries") for o in observed),
+          votes=tuple(o.get("votes") for o in observed), reserve=reserve, **rope))
+    else:
+      caches.append(tuple(layers))
   return logits, tuple(caches)
 
 
@@ -434,18 +450,22 @@ def _decode(config: LlamaConfig, params, cache, tokens, policy: Policy, implemen
   model = Llama(config)
   positions = cache[0].next_pos[:, None]
   kernels = dict(implementation=implementation, interpret=interpret)
+  # Layers are updated in order and each reads the cache as the layers before it left it: a pooled cache's
+  # layers share their group's pool (akv_jax.pooled).
+  state = [cache]
 
   def attn(layer, q, k, v):
-    c = akv.append(cache[layer], k[:, 0], v[:, 0], policy, **kernels)
+    c = akv.append(state[0][layer], k[:, 0], v[:, 0], policy, **kernels)
     if policy.decode.accumulates:   # the decode rule's state grows by each step's attention (H2O)
       out, probs = akv.attend(q[:, 0], c, return_probs=True, **kernels)
       c = akv.observe(c, probs, policy)
     else:
       out = akv.attend(q[:, 0], c, **kernels)
-    return out[:, None], c
+    state[0] = replace_layer(state[0], layer, c)
+    return out[:, None], None
 
-  hidden, new_cache = model.apply({"params": params}, tokens[:, None], positions, attn)
-  return model.apply({"params": params}, hidden[:, 0], method=Llama.logits), new_cache
+  hidden, _ = model.apply({"params": params}, tokens[:, None], positions, attn)
+  return model.apply({"params": params}, hidden[:, 0], method=Llama.logits), state[0]
 
 
 _decode_jit = jax.jit(_decode, static_argnames=("config", "policy", "implementation", "interpret"),
@@ -475,13 +495,16 @@ def _extend(config: LlamaConfig, params, cache, tokens, counts, policy: Policy, 
   t = tokens.shape[1]
   positions = cache[0].next_pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
   kernels = dict(implementation=implementation, interpret=interpret)
+  state = [cache]   # updated layer by layer, as in _decode
 
   def attn(layer, q, k, v):
-    out, c = akv.extend(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), cache[layer],
-                        policy, counts=counts, **kernels)
-    return out.transpose(0, 2, 1, 3), c
+    out, c = akv.extend(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                        state[0][layer], policy, counts=counts, **kernels)
+    state[0] = replace_layer(state[0], layer, c)
+    return out.transpose(0, 2, 1, 3), None
 
-  return model.apply({"params": params}, tokens, positions, attn)
+  hidden, _ = model.apply({"params": params}, tokens, positions, attn)
+  return hidden, state[0]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy", "implementation", "interpret"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from akv_jax.cache import CompressedKV
+from akv_jax.pooled import PooledCache
 
 _COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")   # [D, out]: split out
 _ROW = ("o_proj", "down_proj")                                     # [in, D]: split in
@@ -39,17 +39,17 @@ def cache_specs(cache, *, data_axis: str = "data", model_axis: str = "model"):
   """PartitionSpec for every leaf of a (multi-layer) compressed cache: [B, K, ...] leaves split on both axes,
   pooled AdaKV bodies [B, 1, ...] and per-row arrays [B] on the data axis only."""
 
-  def layer(ckv: CompressedKV):
-    kh = ckv.num_kv_heads
-
+  def specs(tree, kh: int):
     def spec(leaf):
       if leaf.ndim >= 2 and leaf.shape[1] == kh:
         return P(data_axis, model_axis, *([None] * (leaf.ndim - 2)))
       return P(data_axis, *([None] * (leaf.ndim - 1)))
 
-    return jax.tree_util.tree_map(spec, ckv)
+    return jax.tree_util.tree_map(spec, tree)
 
-  return tuple(layer(c) for c in cache)
+  if isinstance(cache, PooledCache):   # its group pools are [B, 1, ...] leaves like a pooled AdaKV body
+    return specs(cache, cache.layers[0].num_kv_heads)
+  return tuple(specs(c, c.num_kv_heads) for c in cache)
 
 
 def shard_cache(cache, mesh: Mesh, *, data_axis: str = "data", model_axis: str = "model"):

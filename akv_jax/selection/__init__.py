@@ -13,6 +13,7 @@ from .base import register as register
 from .base import scorer as scorer
 from .budgets import BUDGETS as BUDGETS
 from .budgets import AdaKV as AdaKV
+from .budgets import Adaptive as Adaptive
 from .budgets import Budget as Budget
 from .budgets import Pyramid as Pyramid
 from .budgets import Uniform as Uniform

@@ -6,7 +6,7 @@ Layer budgets are static Python ints (they fix array shapes). Head budgets are i
 scores; their knobs (total, alpha, granularity, cap) are static Python values, validated before tracing.
 
 A policy holds one budget rule, a frozen dataclass owning the keep fraction and its own knobs: `Uniform`,
-`Pyramid` (PyramidKV) or `AdaKV`.
+`Pyramid` (PyramidKV), `AdaKV`, or `Adaptive` (AdaKV across the layers of a group, per request).
 """
 
 from __future__ import annotations
@@ -211,10 +211,12 @@ class Budget:
   Class attributes:
     name: registry name (`Policy(budget=name)`).
     paged: heads of a layer keep different counts, so the body lives in a shared page pool.
+    pooled_layers: the pool is shared by a group of layers whose split is decided per request (Adaptive).
   """
 
   name: ClassVar[str] = ""
   paged: ClassVar[bool] = False
+  pooled_layers: ClassVar[bool] = False
   keep: float = 1.0
   target: float | None = dataclasses.field(default=None, kw_only=True)
 
@@ -272,4 +274,20 @@ class AdaKV(Budget):
       raise ValueError(f"adakv_cap={self.cap} must be >= 1")
 
 
-BUDGETS: dict[str, type[Budget]] = {cls.name: cls for cls in (Uniform, Pyramid, AdaKV)}
+@dataclasses.dataclass(frozen=True)
+class Adaptive(AdaKV):
+  """AdaKV generalised across layers, per request: the tokens of a group of layers (those stored alike) are split
+  among all their (layer, kv head) pairs at once by the same rule (`adakv_head_budgets` over the pairs'
+  scores), so each row of a batch spends its budget where its own prompt's attention is, and the group's bodies
+  share one page pool (akv_jax.pooled). `alpha` and `cap` as in AdaKV, per (layer, head). Only
+  `compress_layers` (and the models) can split across layers; a single layer's `compress` raises."""
+
+  name = "adaptive"
+  pooled_layers: ClassVar[bool] = True
+
+  def per_layer(self) -> AdaKV:
+    """The per-layer AdaKV rule of the same knobs, whose layers hold the same bytes (for byte accounting)."""
+    return AdaKV(keep=self.keep, alpha=self.alpha, cap=self.cap, target=self.target)
+
+
+BUDGETS: dict[str, type[Budget]] = {cls.name: cls for cls in (Uniform, Pyramid, AdaKV, Adaptive)}

@@ -98,6 +98,9 @@ def _check_fits(policy: akv.Policy, artifact: dict[str, Any]) -> None:
     raise ValueError(f"policy {policy.name!r} (selection={policy.selection!r}) needs a model (its rotary "
                      "frequencies or a model pass), which a synthetic artifact does not have; evaluate it on a "
                      "model (experiments/run_real.py)")
+  if policy.budget.pooled_layers:
+    raise ValueError(f"policy {policy.name!r} splits its budget across layers (budget={policy.budget.name!r}), "
+                     "but this runner measures one layer at a time: run it on a model (experiments/run_real.py)")
   try:
     policy = akv.ratios.resolve_target(policy, akv.ratios.CacheShape(
         s=s, num_layers=num_layers, kv_heads=artifact["k"].shape[2], head_dim=artifact["k"].shape[4]))
@@ -204,8 +207,10 @@ def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("artifact", help=".npz file or orbax directory from experiments/synthetic/synthetic.py")
   parser.add_argument("--policies",
-                      default=",".join(n for n in akv.presets.names() if not _needs_model(akv.presets.get(n))),
-                      help="comma-separated preset names (default: every preset that needs no model)")
+                      default=",".join(n for n in akv.presets.names() if not _needs_model(akv.presets.get(n))
+                                       and not akv.presets.get(n).budget.pooled_layers),
+                      help="comma-separated preset names (default: every preset that needs no model and is "
+                           "measured one layer at a time)")
   parser.add_argument("--out", default=None, help="write results as JSON here")
   parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
   args = parser.parse_args(argv)

@@ -264,6 +264,9 @@ def test_quality_benchmark_errors(artifact):
     run_quality_benchmarks.run(artifact, ["expected_attention"], show_progress=False)
   with pytest.raises(ValueError, match=r"policy 'kvzip' .* needs a model \(its rotary frequencies or a model pass"):
     run_quality_benchmarks.run(artifact, ["kvzip"], show_progress=False)
+  with pytest.raises(ValueError, match=r"policy 'adaptive' splits its budget across layers \(budget='adaptive'\), "
+                                       r"but this runner measures one layer at a time"):
+    run_quality_benchmarks.run(artifact, ["adaptive"], show_progress=False)
 
 
 def test_quality_benchmark_cli_error(npz_path):

@@ -35,6 +35,8 @@ def make_inputs(seed, *, b=2, kh=2, g=4, h=64, z=4, m=96, r=40, f=32, fmt=da.For
     body_k = bf16(b, heads, rows, h)
   else:
     body_k = packed(fmt.key_bits, b, heads, rows, scale_shape=(b, heads, rows // fmt.key_group, h))
+    if fmt.key_outliers:   # outlier channels beside the codes, with large values (what they are cut out for)
+      body_k = (*body_k, jnp.asarray(rng.normal(size=(b, heads, rows, fmt.key_outliers)) * 8, jnp.bfloat16))
   if fmt.value_bits == da.RAW:
     body_v = bf16(b, heads, rows, h)
   else:
@@ -59,9 +61,11 @@ def make_inputs(seed, *, b=2, kh=2, g=4, h=64, z=4, m=96, r=40, f=32, fmt=da.For
     recent = np.minimum(patch + rng.integers(0, r + 1, size=(b, kh)), r)
     patch = np.minimum(patch, recent)
     lengths = np.stack([sink, body, patch, recent], -1)
+  q_out = (jnp.asarray(rng.normal(size=(b, kh, g, fmt.key_outliers)) / np.sqrt(h), jnp.float32)
+           if fmt.key_outliers else None)
   return dict(q=q, sink_k=bf16(b, kh, z, h), sink_v=bf16(b, kh, z, h), body_k=body_k, body_v=body_v,
               recent_k=bf16(b, kh, r, h), recent_v=bf16(b, kh, r, h), patch_v=bf16(b, kh, f, h),
-              lengths=jnp.asarray(lengths, jnp.int32), page_table=table)
+              lengths=jnp.asarray(lengths, jnp.int32), page_table=table, q_out=q_out)
 
 
 def run_kernel(inputs, fmt, **kw):
@@ -93,6 +97,7 @@ CASES = [
     (2, 2, 128, 4, 32), (4, 4, 64, 8, 32), (8, 8, 128, 1, 32), (2, 4, 64, 4, 16), (4, 2, 128, 8, 64),
     (2, 2, 64, 1, 32), (16, 16, 64, 4, 32), (16, 16, 128, 8, 32), (8, 2, 64, 4, 32), (2, 2, 64, 3, 32),
     (4, 4, 128, 3, 32), (16, 16, 64, 3, 32), (3, 2, 128, 3, 16),
+    (3, 3, 128, 4, 32), (2, 3, 128, 8, 64), (3, 3, 256, 4, 32),   # 3-bit values paired (H = 128) and not
 ]
 
 
@@ -105,10 +110,22 @@ def test_dense_body_matches_reference(kb, vb, h, g, gv):
   check(inputs, dataclasses.replace(fmt, block=32))   # one key group per step
 
 
-@pytest.mark.parametrize("kb,vb,h,g,q", [(2, 2, 128, 4, 32), (4, 4, 64, 8, 16), (16, 16, 64, 1, 16),
-                                           (8, 4, 128, 4, 32), (3, 3, 128, 4, 32)])
-def test_paged_body_matches_reference(kb, vb, h, g, q):
-  fmt = da.Format(key_bits=kb, value_bits=vb, key_group=q, value_group=16, page_size=q)
+@pytest.mark.parametrize("kb,vb,h,g,o", [(2, 2, 64, 3, 4), (4, 2, 128, 8, 1), (3, 3, 128, 4, 2), (8, 4, 64, 1, 7)])
+def test_outlier_key_channels_match_reference(kb, vb, h, g, o):
+  fmt = da.Format(key_bits=kb, value_bits=vb, key_group=32, value_group=32, key_outliers=o)
+  inputs = make_inputs(31 + kb + o, h=h, g=g, fmt=fmt, m=160, r=40)
+  check(inputs, fmt)
+  check(inputs, fmt, splits=3)
+  # The outlier term is really read: without it the reference differs.
+  plain = dataclasses.replace(fmt, key_outliers=0)
+  without = da.decode_attention_reference(**{**inputs, "body_k": inputs["body_k"][:3], "q_out": None}, fmt=plain)
+  assert np.max(np.abs(np.asarray(without) - np.asarray(run_kernel(inputs, fmt)))) > 0.05
+
+
+@pytest.mark.parametrize("kb,vb,h,g,q,o", [(2, 2, 128, 4, 32, 0), (4, 4, 64, 8, 16, 0), (16, 16, 64, 1, 16, 0),
+                                             (8, 4, 128, 4, 32, 0), (3, 3, 128, 4, 32, 0), (2, 2, 64, 3, 32, 4)])
+def test_paged_body_matches_reference(kb, vb, h, g, q, o):
+  fmt = da.Format(key_bits=kb, value_bits=vb, key_group=q, value_group=16, page_size=q, key_outliers=o)
   inputs = make_inputs(7 + kb + q, h=h, g=g, fmt=fmt, pages=8, r=33)
   check(inputs, fmt)
   check(inputs, fmt, splits=2)
@@ -147,11 +164,12 @@ def test_default_splits_from_occupancy():
   assert waves(s) / np.ceil(waves(s)) >= 0.85 * max(waves(t) / np.ceil(waves(t)) for t in range(1, 65))
 
 
-@pytest.mark.parametrize("kb,vb,h,paged", [(2, 2, 128, False), (4, 4, 64, True), (8, 8, 64, False),
-                                             (16, 16, 128, True), (2, 4, 64, False), (3, 3, 128, False)])
-def test_lowers_for_cuda(kb, vb, h, paged):
+@pytest.mark.parametrize("kb,vb,h,paged,o", [(2, 2, 128, False, 0), (4, 4, 64, True, 0), (8, 8, 64, False, 0),
+                                               (16, 16, 128, True, 0), (2, 4, 64, False, 0), (3, 3, 128, False, 0),
+                                               (2, 2, 64, False, 4), (2, 2, 64, True, 4)])
+def test_lowers_for_cuda(kb, vb, h, paged, o):
   q_size = 32 if kb != 16 else 16
-  fmt = da.Format(key_bits=kb, value_bits=vb, value_group=32, page_size=q_size if paged else 0)
+  fmt = da.Format(key_bits=kb, value_bits=vb, value_group=32, page_size=q_size if paged else 0, key_outliers=o)
   inputs = make_inputs(0, h=h, fmt=fmt, pages=8 if paged else None)
   text = lowering.lower_for_cuda(lambda kw: da.decode_attention(**kw, fmt=fmt), inputs)
   assert "__gpu$xla.gpu.triton" in text
@@ -196,6 +214,20 @@ def test_errors():
     da.decode_attention(**{**inputs, "q": jnp.zeros((2, 2, 256, 64))}, fmt=fmt, interpret=True)
   with pytest.raises(ValueError, match="head dim H=96 must be a power of 2"):
     da.decode_attention(**{**inputs, "q": jnp.zeros((2, 2, 4, 96))}, fmt=fmt, interpret=True)
+  with pytest.raises(ValueError, match="key_outliers=2 must be >= 0, and 0 for bf16 keys"):
+    da.Format(key_outliers=2)
+  ofmt = da.Format(key_bits=2, value_bits=2, key_outliers=3)
+  oin = make_inputs(0, fmt=ofmt)
+  with pytest.raises(ValueError, match=r"body_k must be \(body key, body key scale, body key zero, body key "
+                                       r"outliers\) for key_bits=2, key_outliers=3; got 3 arrays"):
+    da.decode_attention(**{**oin, "body_k": oin["body_k"][:3]}, fmt=ofmt, interpret=True)
+  with pytest.raises(ValueError, match=r"body key outliers must be \[..., O=3\], got shape \(2, 2, 96, 2\)"):
+    da.decode_attention(**{**oin, "body_k": (*oin["body_k"][:3], oin["body_k"][3][..., :2])}, fmt=ofmt,
+                        interpret=True)
+  with pytest.raises(ValueError, match=r"key_outliers=3 needs q_out f32\[B=2, K=2, G=4, O=3\], got None"):
+    da.decode_attention(**{**oin, "q_out": None}, fmt=ofmt, interpret=True)
+  with pytest.raises(ValueError, match=r"q_out is given but the format has no outlier key channels"):
+    da.decode_attention(**{**inputs, "q_out": oin["q_out"]}, fmt=fmt, interpret=True)
   with pytest.raises(ValueError, match="head dim H=64 is not a multiple of value_group=128"):
     da.decode_attention(**inputs, fmt=da.Format(key_bits=2, value_bits=8, value_group=128), interpret=True)
   with pytest.raises(ValueError, match="page_table is given but page_size=0"):

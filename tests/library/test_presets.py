@@ -27,6 +27,8 @@ def test_shape_bytes_equal_held_bytes():
   inv_freq = jnp.ones(32)   # read only by Expected Attention
   for name in akv.presets.names():
     pol = akv.presets.get(name).with_target(None)   # the ratio presets' targets are out of reach at S = 512
+    if pol.budget.pooled_layers:   # layers compressed together: tests/library/test_pooled.py
+      continue
     # KVzip reads the votes of a model pass instead of queries; any votes of the right shape give its layout.
     obs = (dict(votes=jnp.abs(kv.k[..., 0]).astype(jnp.float32)) if pol.needs(512).reconstruction is not None
            else dict(queries=q))
@@ -70,6 +72,28 @@ def test_every_preset_is_a_hashable_policy():
 def test_unknown_preset():
   with pytest.raises(ValueError, match="unknown preset 'hybrid_9x'"):
     akv.presets.get("hybrid_9x")
+
+
+def test_storage_modifiers():
+  pol = akv.presets.get("kivi2+rot+out4")
+  assert pol.name == "kivi2+rot+out4" and pol.rotation == 0 and pol.keys.outliers == 4
+  assert dataclasses.replace(pol, name="kivi2", rotation=None,
+                             keys=dataclasses.replace(pol.keys, outliers=0)) == akv.presets.get("kivi2")
+  assert akv.presets.get("hybrid_8x+rot7").rotation == 7 and akv.presets.get("hybrid_8x+rot7").budget.target == 8
+  assert akv.presets.fixed("hybrid_8x+out2").keys.outliers == 2
+  # A target holds with outlier channels too: their bytes are counted when the keep is solved.
+  shape = akv.ratios.CacheShape(s=4096, num_layers=30, kv_heads=3, head_dim=64, q_heads=9)
+  plain = akv.ratios.resolve_target(akv.presets.get("hybrid_8x"), shape)
+  held = akv.ratios.resolve_target(akv.presets.get("hybrid_8x+out4"), shape)
+  assert held.keep < plain.keep
+  assert abs(akv.ratios.measured_ratio(held, shape) / 8 - 1) < 0.03
+  with pytest.raises(ValueError, match="policy 'kivi2\\+foo': unknown storage modifier 'foo'; use rot, rot<seed> or"):
+    akv.presets.get("kivi2+foo")
+  with pytest.raises(ValueError, match="'snapkv\\+out2': \\+out2 holds outlier key channels beside quantized keys, "
+                                       "but 'snapkv' keeps its keys in bf16"):
+    akv.presets.get("snapkv+out2")
+  with pytest.raises(ValueError, match="unknown preset 'nope'"):
+    akv.presets.get("nope+rot")
 
 
 SMOLLM2 = akv.ratios.CacheShape(s=4096, num_layers=30, kv_heads=3, head_dim=64, q_heads=9)

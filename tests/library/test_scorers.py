@@ -197,5 +197,5 @@ def test_policy_to_dict_names_every_part():
   assert d["scorer"]["name"] == "snapkv"
   assert d["budget"] == dict(name="adakv", keep=0.355, target=12, alpha=0.2, cap=3.0)
   assert d["rotation"] is None
-  assert d["keys"] == dict(bits=2, group=32, axis="channel") and d["decode"] == dict(name="kivi_residual")
+  assert d["keys"] == dict(bits=2, group=32, axis="channel", outliers=0) and d["decode"] == dict(name="kivi_residual")
   assert d["guards"]["layers"] == (0,) and d["guards"]["bits"] == 4

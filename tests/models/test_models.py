@@ -305,7 +305,7 @@ SHARDED = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("name", ["hybrid_8x", "adakv"])
+@pytest.mark.parametrize("name", ["hybrid_8x", "adakv", "adaptive"])
 def test_sharded_equals_unsharded_on_8_cpu_devices(name):
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
   proc = subprocess.run([sys.executable, "-c", SHARDED.replace("{name}", name)], capture_output=True, text=True,
