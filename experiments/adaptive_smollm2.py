@@ -127,10 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
   print(f"{'task pair':44s} total variation of the layer shares")
   for pair, tv in split["total_variation"].items():
     print(f"{pair:44s} {tv:.4f}")
-  print(f"{'policy':16s} {'ratio':>7s} {'NLL':>7s} {'rise':>7s} {'top-1':>6s}")
-  for name, row in cont["policies"].items():
-    print(f"{name:16s} {row['compression_ratio']:6.2f}x {row['nll']:7.4f} {row['nll_rise']:+7.2%} "
-          f"{row['top1_agreement']:6.3f}")
+  print(real_eval.continuation_table(cont["policies"]))
   print(f"wrote {args.out} and {plot} in {result['seconds']:.0f} s")
   return result
 

@@ -92,10 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
                 policies={p.name: p.to_dict() for p in policies}, continuation=cont,
                 seconds=round(time.perf_counter() - start, 1))
   result_files.write_json(args.out, result)
-  print(f"{'policy':24s} {'ratio':>7s} {'NLL':>7s} {'rise':>7s} {'top-1':>6s}")
-  for name, row in cont["policies"].items():
-    print(f"{name:24s} {row['compression_ratio']:6.2f}x {row['nll']:7.4f} {row['nll_rise']:+7.2%} "
-          f"{row['top1_agreement']:6.3f}")
+  print(real_eval.continuation_table(cont["policies"]))
   print(f"wrote {args.out} in {result['seconds']:.0f} s")
   return result
 

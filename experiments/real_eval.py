@@ -316,3 +316,12 @@ def continuation(model: RealModel, policies: Sequence[akv.Policy], plays: Sequen
     entry["nll_rise"] = round(entry["nll"] / first["nll"] - 1, 5)
   return dict(policies=out, plays=list(plays), prefix=prefix, tokens=tokens,
               seconds=round(time.perf_counter() - start, 1))
+
+
+def continuation_table(rows: dict[str, dict]) -> str:
+  """`continuation`'s rows as a plain-text table: ratio, NLL, its rise, top-1 agreement and KL per policy."""
+  w = max(len("policy"), *map(len, rows))
+  lines = [f"{'policy':{w}s} {'ratio':>7s} {'NLL':>7s} {'rise':>7s} {'top-1':>6s} {'KL':>7s}"]
+  lines += [f"{name:{w}s} {row['compression_ratio']:6.2f}x {row['nll']:7.4f} {row['nll_rise']:+7.2%} "
+            f"{row['top1_agreement']:6.3f} {row['kl']:7.4f}" for name, row in rows.items()]
+  return "\n".join(lines)

@@ -61,10 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
   plot = pathlib.Path(args.out).with_suffix(".png")
   plots.continuation_vs_ratio(cont["policies"], plot, title=f"KIVI storages on {model.name} after {length} tokens",
                               family=lambda n: "+".join(n.split("+")[1:]) or "plain codes")   # lines: 2 to 4 bits
-  print(f"{'policy':20s} {'ratio':>7s} {'NLL':>7s} {'rise':>7s} {'top-1':>6s} {'KL':>7s}")
-  for name, row in cont["policies"].items():
-    print(f"{name:20s} {row['compression_ratio']:6.2f}x {row['nll']:7.4f} {row['nll_rise']:+7.2%} "
-          f"{row['top1_agreement']:6.3f} {row['kl']:7.4f}")
+  print(real_eval.continuation_table(cont["policies"]))
   print(f"wrote {args.out} and {plot} in {result['seconds']:.0f} s")
   return result
 
