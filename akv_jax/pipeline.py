@@ -36,6 +36,11 @@ def _take(x: jax.Array, idx: jax.Array, valid: jax.Array) -> jax.Array:
   return jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 3)), out, jnp.zeros((), x.dtype))
 
 
+def _window_start(lay: Layout, lengths: jax.Array) -> jax.Array:
+  """i32[B]: where each row's bf16 recent window starts (after the sinks)."""
+  return jnp.maximum(lay.n_sink, jnp.asarray(lengths, jnp.int32) - lay.recent)
+
+
 def _candidates(lay: Layout, scores: jax.Array, ws: jax.Array) -> jax.Array:
   """Scores f32[B, K, S] of the tokens a selection may keep (past the sinks, before the window), -inf elsewhere."""
   pos = jnp.arange(scores.shape[-1])[None, None, :]
@@ -144,7 +149,7 @@ def _compress(kv: DenseKV, obs: Observations, signs, policy: Policy, lay: Layout
                      "not selection='none'")
   z, u = lay.n_sink, lay.flush
   lengths = jnp.asarray(kv.lengths, jnp.int32)
-  ws = jnp.maximum(z, lengths - lay.recent)                       # [B] window start
+  ws = _window_start(lay, lengths)                                # [B]
   w = jnp.maximum(lengths - ws, 0)                                # [B] window tokens
   if group is None:
     scores, given, first, into = _scores(policy, lay, kv, obs), None, None, None
@@ -239,8 +244,7 @@ def _group_scores(kv: DenseKV, obs: Observations, policy: Policy, lay: Layout) -
   validation.dense(kv, per_row_lengths=True)
   policy.scorer.check_observations(obs, *kv.k.shape[:2], kv.k.shape[3], kv.k.shape[2])
   scores = _scores(policy, lay, kv, obs)
-  ws = jnp.maximum(lay.n_sink, jnp.asarray(kv.lengths, jnp.int32) - lay.recent)
-  return scores, _candidates(lay, scores, ws)
+  return scores, _candidates(lay, scores, _window_start(lay, kv.lengths))
 
 
 def compress(kv: DenseKV, policy: Policy, *, queries: jax.Array | None = None, votes: jax.Array | None = None,

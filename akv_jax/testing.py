@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from akv_jax.attention import attend, dense_attention
 from akv_jax.cache import CompressedKV, DenseKV, QuantizedTensor
+from akv_jax.pipeline import decompress
 
 
 def kernel_tolerance(ckv: CompressedKV) -> float:
@@ -16,6 +19,19 @@ def kernel_tolerance(ckv: CompressedKV) -> float:
   """
   quantized = isinstance(ckv.body_k, QuantizedTensor) or isinstance(ckv.body_v, QuantizedTensor)
   return 1e-3 if quantized else 1e-4
+
+
+def assert_attention_paths_agree(q: jax.Array, ckv: CompressedKV, *, xla_tol: float = 1e-4) -> jax.Array:
+  """Asserts that the chunked XLA path (to `xla_tol`) and the fused kernel in interpret mode (to 4x
+  `kernel_tolerance`) give the reference's attention of q [B, N, H] over ckv, and that the reference is dense
+  attention over the decompressed tokens (to 1e-4); returns the reference's output."""
+  ref = attend(q, ckv, implementation="reference")
+  np.testing.assert_allclose(attend(q, ckv, implementation="xla"), ref, rtol=xla_tol, atol=xla_tol)
+  np.testing.assert_allclose(attend(q, ckv, implementation="pallas", interpret=True), ref,
+                             atol=kernel_tolerance(ckv) * 4)
+  d = decompress(ckv)
+  np.testing.assert_allclose(ref, dense_attention(q, d.k, d.v, d.lengths), rtol=1e-4, atol=1e-4)
+  return ref
 
 
 def random_kv(seed: int, *, b: int = 2, k: int = 2, s: int = 128, h: int = 32, lengths=None,
@@ -58,8 +74,6 @@ def random_hf_llama(seed: int, *, vocab: int, hidden: int, ffn: int, layers: int
   real one. Written out from the HF modules, independently of the loaders it checks.
   """
   import math  # noqa: PLC0415
-
-  import numpy as np  # noqa: PLC0415
 
   v, d, f, n, kv, h = vocab, hidden, ffn, heads, kv_heads, head_dim
   shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}

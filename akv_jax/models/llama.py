@@ -187,6 +187,13 @@ def _observations(needs: akv.selection.Needs, q, lengths, s: int, votes, rope: d
 # ---------------------------------------------------------------------------------------------- validation
 
 
+def _compress_pooled(kvs, observed, policy: Policy, reserve: int, rope: dict):
+  """Every layer at once (a budget split across layers: akv.compress_layers), from per-layer DenseKV and the
+  observation keywords `_observations` (or prefill_many) gave each layer."""
+  return akv.compress_layers(kvs, policy, queries=tuple(o.get("queries") for o in observed),
+                             votes=tuple(o.get("votes") for o in observed), reserve=reserve, **rope)
+
+
 def _check_tokens(config: LlamaConfig, tokens, lengths=None) -> None:
   """Value checks that are possible when the inputs are concrete (outside jit): ids in range, lengths."""
   if isinstance(tokens, jax.core.Tracer):
@@ -278,9 +285,7 @@ def _prefill(config: LlamaConfig, params, tokens, lengths, policy: Policy, reser
 
   hidden, cache = model.apply({"params": params}, tokens, positions, attn)
   if pooled:
-    cache = akv.compress_layers(tuple(kv for kv, _ in cache), policy,
-                                queries=tuple(obs.get("queries") for _, obs in cache),
-                                votes=tuple(obs.get("votes") for _, obs in cache), reserve=reserve, **rope)
+    cache = _compress_pooled(tuple(kv for kv, _ in cache), tuple(obs for _, obs in cache), policy, reserve, rope)
   last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
   return model.apply({"params": params}, last, method=Llama.logits), cache
 
@@ -437,9 +442,7 @@ def prefill_many(config: LlamaConfig, params, tokens: jax.Array, lengths: jax.Ar
       layers.append(akv.compress(kv, pol, layer=layer, num_layers=config.num_layers, reserve=reserve, **obs,
                                  **rope))
     if pol.budget.pooled_layers:
-      caches.append(akv.compress_layers(
-          tuple(x[0] for x in per_layer), pol, queries=tuple(o.get("queries") for o in observed),
-          votes=tuple(o.get("votes") for o in observed), reserve=reserve, **rope))
+      caches.append(_compress_pooled(tuple(x[0] for x in per_layer), tuple(observed), pol, reserve, rope))
     else:
       caches.append(tuple(layers))
   return logits, tuple(caches)
